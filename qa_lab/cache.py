@@ -50,6 +50,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def tree_sha256(folder: str | Path) -> str:
+    """Hash of a folder's files (e.g. a saved HF dataset) by relative path and content."""
+    folder = Path(folder)
+    return stable_hash(
+        {
+            str(p.relative_to(folder)): file_sha256(p)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+    )
+
+
 def stage_key(
     config: Mapping[str, Any],
     *,

@@ -38,7 +38,9 @@ def read_jsonl(path: str | Path, encoding: str = "utf-8") -> list[dict[str, Any]
             except json.JSONDecodeError as err:
                 raise QaLabError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise QaLabError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise QaLabError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
             rows.append(row)
     return rows
 

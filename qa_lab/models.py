@@ -44,7 +44,7 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def _materialize(name: str, cache_dir: Path) -> Path:
+def _materialize(name: str, models_dir: Path) -> Path:
     gguf = embedded_gguf(name)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -64,14 +64,17 @@ def _materialize(name: str, cache_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         return {"source": str(gguf), "name": name, "version": MATERIALIZE_VERSION}
 
-    folder, _ = build_once(cache_dir / "models" / f"{name}-fp32-v{MATERIALIZE_VERSION}", build)
+    folder, _ = build_once(models_dir / f"{name}-fp32-v{MATERIALIZE_VERSION}", build)
     return folder
 
 
-def resolve_llm_path(name: str, cache_dir: str | Path) -> str:
-    """Turn an LLM spec into something `from_pretrained` accepts (a folder or a hub id)."""
+def resolve_llm_path(name: str, models_dir: str | Path) -> str:
+    """Turn an LLM spec into something `from_pretrained` accepts (a folder or a hub id).
+
+    `models_dir` (config `paths.models`) holds materialised embedded models.
+    """
     if name in EMBEDDED_LLMS:
-        return str(_materialize(name, Path(cache_dir)))
+        return str(_materialize(name, Path(models_dir)))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser().resolve())
     if name.startswith(("/", "./", "~")):
@@ -109,11 +112,11 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_tokenizer(llm_cfg: Any, cache_dir: str | Path) -> Any:
+def load_tokenizer(llm_cfg: Any, models_dir: str | Path) -> Any:
     """Tokenizer with a pad token and left padding (generation pads on the left)."""
     from transformers import AutoTokenizer
 
-    path = resolve_llm_path(llm_cfg.name, cache_dir)
+    path = resolve_llm_path(llm_cfg.name, models_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=llm_cfg.get("revision"))
     except OSError as err:
@@ -124,7 +127,7 @@ def load_tokenizer(llm_cfg: Any, cache_dir: str | Path) -> Any:
     return tokenizer
 
 
-def load_llm(llm_cfg: Any, cache_dir: str | Path, *, for_training: bool = False) -> Any:
+def load_llm(llm_cfg: Any, models_dir: str | Path, *, for_training: bool = False) -> Any:
     """Load the base causal LM on the configured device and dtype (optionally 4-bit NF4)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -149,7 +152,7 @@ def load_llm(llm_cfg: Any, cache_dir: str | Path, *, for_training: bool = False)
             bnb_4bit_use_double_quant=True,
         )
         kwargs["device_map"] = {"": 0}
-    path = resolve_llm_path(llm_cfg.name, cache_dir)
+    path = resolve_llm_path(llm_cfg.name, models_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:

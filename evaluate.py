@@ -1,0 +1,23 @@
+"""Generate answers for the test split under one config and score them (or score a file).
+
+Thin Hydra entry point over `qa_lab.stages`; `python evaluate.py --help` lists the config groups.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import qa_lab.config  # noqa: F401  (registers the project-root resolver used by conf/paths)
+from qa_lab.errors import cli_errors
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@cli_errors
+def main(cfg: DictConfig) -> None:
+    """Compose the config, run the stage (heavy imports happen inside it)."""
+    from qa_lab import stages
+
+    stages.evaluate_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

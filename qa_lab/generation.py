@@ -1,0 +1,299 @@
+"""Batched generation behind a per-item answer cache.
+
+Each answer is cached under a key over (model, exact prompt text, generation params), committed
+per batch: an interrupted run resumes where it stopped, a rerun generates nothing, and two
+models can never share an answer (the model is part of the key). Batch size is not in the key:
+greedy answers do not depend on it beyond float noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qa_lab.cache import ItemCache, stable_hash
+from qa_lab.errors import QaLabError
+from qa_lab.records import Prediction
+
+GENERATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """The generation settings that change an answer (and so its cache key)."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 42
+
+    @classmethod
+    def from_cfg(cls, gen_cfg: Any, seed: int) -> GenParams:
+        """Build from the `generation` config group, validating the numbers."""
+        if int(gen_cfg.max_new_tokens) <= 0:
+            raise QaLabError(f"generation.max_new_tokens={gen_cfg.max_new_tokens} must be > 0")
+        return cls(
+            max_new_tokens=int(gen_cfg.max_new_tokens),
+            do_sample=bool(gen_cfg.do_sample),
+            temperature=float(gen_cfg.temperature),
+            stop_strings=tuple(gen_cfg.stop_strings or ()),
+            seed=int(seed),
+        )
+
+    def key_fields(self) -> dict[str, Any]:
+        """Fields hashed into request keys (temperature only matters when sampling)."""
+        fields = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "stop_strings": list(self.stop_strings),
+        }
+        if self.do_sample:
+            fields.update(temperature=self.temperature, seed=self.seed)
+        return fields
+
+
+def request_key(model_key: str, prompt: str, params: GenParams, salt: str = "") -> str:
+    """Cache key of one answer; `salt` tells apart repeated samples of the same prompt."""
+    return stable_hash(
+        {
+            "model": model_key,
+            "prompt": prompt,
+            "gen": params.key_fields(),
+            "salt": salt or None,
+            "v": GENERATION_VERSION,
+        }
+    )
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """Cut the text at the earliest stop string; True when one was found."""
+    positions = [text.find(s) for s in stop_strings if s and s in text]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+class LocalGenerator:
+    """Batched generation with a transformers model (left padding, length-sorted batches)."""
+
+    def __init__(self, model: Any, tokenizer: Any, params: GenParams, batch_size: int) -> None:
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.batch_size = max(1, int(batch_size))
+        # The end-of-turn token ends an answer; the tokenizer's EOS may be another token.
+        eos = {tokenizer.eos_token_id}
+        end_turn = (
+            tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if "<|im_end|>" in (tokenizer.get_vocab())
+            else None
+        )
+        if end_turn is not None:
+            eos.add(end_turn)
+        self.eos_ids = sorted(i for i in eos if i is not None)
+
+    def batches(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Index batches of prompts sorted by token length, so padding stays small."""
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def generate_batch(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
+        """Answer one batch; the answer is exactly the newly generated tokens."""
+        import torch
+
+        started = time.perf_counter()
+        enc = self.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.model.device)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.params.max_new_tokens,
+            "do_sample": self.params.do_sample,
+            "eos_token_id": self.eos_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if self.params.do_sample:
+            torch.manual_seed(self.params.seed)
+            kwargs["temperature"] = self.params.temperature
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.params.stop_strings:
+            kwargs.update(stop_strings=list(self.params.stop_strings), tokenizer=self.tokenizer)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        seconds = (time.perf_counter() - started) / len(prompts)
+        new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        return [
+            self._finish(tokens, int(plen), seconds)
+            for tokens, plen in zip(new_tokens, prompt_lens)
+        ]
+
+    def _finish(self, tokens: list[int], prompt_len: int, seconds: float) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        generated: list[int] = []
+        reason = "length"
+        for tok in tokens:
+            if tok in self.eos_ids:
+                reason = "eos"
+                break
+            generated.append(tok)
+        if reason == "length" and pad not in self.eos_ids:
+            while generated and generated[-1] == pad and len(generated) < len(tokens):
+                generated.pop()
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, self.params.stop_strings)
+        if stopped:
+            reason = "stop_string"
+        gen_count = len(generated) + (1 if reason == "eos" else 0)
+        return {
+            "prediction": text.strip(),
+            "prompt_tokens": prompt_len,
+            "generated_tokens": gen_count,
+            "stop_reason": reason,
+            "seconds": seconds,
+        }
+
+
+class OpenAIGenerator:
+    """Any OpenAI-compatible chat endpoint (vLLM, Ollama, llama.cpp server, a hosted API).
+
+    The API key is read from the environment variable named in config, never from config.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        params: GenParams,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        retries: int = 4,
+        concurrency: int = 4,
+    ) -> None:
+        if not base_url:
+            raise QaLabError(
+                "base_url is required for the openai backend (e.g. http://127.0.0.1:8000/v1)"
+            )
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.params, self.timeout, self.retries = model, params, timeout, retries
+        self.api_key = os.environ.get(api_key_env or "", "")
+        self.concurrency = max(1, int(concurrency))
+
+    def batches(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Requests go out `concurrency` at a time."""
+        step = self.concurrency
+        return [list(range(i, min(i + step, len(prompts)))) for i in range(0, len(prompts), step)]
+
+    def generate_batch(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
+        """Prompts here are JSON-encoded chat messages (the cache key is their exact text)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda p: self.complete(json.loads(p)), prompts))
+
+    def complete(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """One chat completion, retried with exponential backoff on 429/5xx/connection errors."""
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.params.max_new_tokens,
+            "temperature": self.params.temperature if self.params.do_sample else 0.0,
+            "seed": self.params.seed,
+        }
+        if self.params.stop_strings:
+            body["stop"] = list(self.params.stop_strings)[:4]  # the API allows at most 4
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
+        started = time.perf_counter()
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    reply = json.loads(resp.read().decode("utf-8"))
+                break
+            except urllib.error.HTTPError as err:
+                if err.code != 429 and err.code < 500 or attempt == self.retries:
+                    raise QaLabError(f"{self.url}: HTTP {err.code} {err.reason}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                if attempt == self.retries:
+                    raise QaLabError(f"{self.url}: unreachable ({err})") from None
+            time.sleep(min(2**attempt, 30))
+        choice = reply["choices"][0]
+        text, stopped = cut_at_stop(
+            choice["message"].get("content") or "", self.params.stop_strings
+        )
+        finish = choice.get("finish_reason")
+        usage = reply.get("usage") or {}
+        return {
+            "prediction": text.strip(),
+            "prompt_tokens": int(usage.get("prompt_tokens", 0)),
+            "generated_tokens": int(usage.get("completion_tokens", 0)),
+            "stop_reason": "length"
+            if finish == "length"
+            else ("stop_string" if stopped else "eos"),
+            "seconds": time.perf_counter() - started,
+        }
+
+
+def generate_cached(
+    item_ids: Sequence[str],
+    prompts: Sequence[str],
+    params: GenParams,
+    make_generator: Callable[[], LocalGenerator | OpenAIGenerator],
+    cache: ItemCache,
+    model_key: str,
+    *,
+    salts: Sequence[str] | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Prediction]:
+    """Answer every prompt, generating only those whose answer is not cached yet.
+
+    The generator is built only when something is missing, so a warm rerun loads no model.
+    """
+    from tqdm.auto import tqdm
+
+    salts = salts or [""] * len(prompts)
+    keys = [request_key(model_key, p, params, s) for p, s in zip(prompts, salts)]
+    found = cache.get_many(keys)
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    if todo:
+        generator = make_generator()
+        bar = tqdm(total=len(todo), unit="answer", desc="generate", disable=not progress)
+        for batch in generator.batches([prompts[i] for i in todo]):
+            idx = [todo[j] for j in batch]
+            answers = generator.generate_batch([prompts[i] for i in idx])
+            fresh = {keys[i]: a for i, a in zip(idx, answers)}
+            cache.put_many(fresh)
+            found.update(fresh)
+            bar.update(len(idx))
+            if on_batch is not None:
+                on_batch(len(idx))
+        bar.close()
+    return [
+        Prediction(
+            item_id=iid,
+            **{
+                k: found[key][k]
+                for k in (
+                    "prediction",
+                    "prompt_tokens",
+                    "generated_tokens",
+                    "stop_reason",
+                    "seconds",
+                )
+            },
+            extra={"cached": i not in set(todo)},
+        )
+        for i, (iid, key) in enumerate(zip(item_ids, keys))
+    ]

@@ -1,0 +1,59 @@
+"""The one prompt builder: training and every evaluation config go through it.
+
+Vanilla and fine-tuned models see the same prompt; only the retrieved context differs. Prompts
+are chat messages rendered by the model's own chat template, and the answer is exactly the newly
+generated tokens (never text split off at an "Answer:" marker). The fine-tune learns the
+template's end-of-turn token, which is what makes it stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from qa_lab.records import Passage, QAItem
+
+# Bump when the wording or layout below changes: it is part of every prediction's cache key.
+TEMPLATE_VERSION = 1
+PASSAGE_OPEN = "<passage {n}>"
+PASSAGE_CLOSE = "</passage {n}>"
+
+
+def format_context(passages: Sequence[Passage], header: str) -> str:
+    """Numbered, delimited passages so the context cannot be mistaken for the answer."""
+    blocks = [
+        f"{PASSAGE_OPEN.format(n=i)}\nQ: {p.question}\nA: {p.answer}\n{PASSAGE_CLOSE.format(n=i)}"
+        for i, p in enumerate(passages, start=1)
+    ]
+    return header.strip() + "\n" + "\n".join(blocks)
+
+
+def build_messages(
+    question: str, passages: Sequence[Passage], *, system: str, context_header: str
+) -> list[dict[str, str]]:
+    """System message, then one user turn: the context (if any) above the question.
+
+    The system message is always given: some templates (SmolLM2's) insert a default one
+    otherwise, which would make the prompt depend on the template rather than on the config.
+    """
+    user = f"Question: {question.strip()}"
+    if passages:
+        user = format_context(passages, context_header) + "\n\n" + user
+    return [{"role": "system", "content": system.strip()}, {"role": "user", "content": user}]
+
+
+def sft_example(
+    item: QAItem, passages: Sequence[Passage], *, system: str, context_header: str
+) -> dict[str, Any]:
+    """Conversational prompt/completion example: TRL puts the loss on the completion only."""
+    return {
+        "prompt": build_messages(
+            item.question, passages, system=system, context_header=context_header
+        ),
+        "completion": [{"role": "assistant", "content": item.answer.strip()}],
+    }
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """Prompt text exactly as the model sees it, ending where the assistant turn starts."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,462 @@
+"""Comparison reports built from MLflow runs alone: tables, paired tests, 2x2 effects, figures.
+
+`report_sweep` reads a sweep's child runs (their per-item scores artifact, tags and params),
+so any finished sweep can be re-reported later with `evaluate.py report=<parent run id>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from collections.abc import Sequence
+from itertools import combinations
+from typing import Any
+
+from qa_lab import tracking
+from qa_lab.errors import QaLabError
+
+HEADLINE = ("bleu", "rougeL_f1", "bertscore_f1", "exact_match", "token_f1")
+PAIRED = ("rougeL_f1", "bertscore_f1", "token_f1", "sentence_bleu", "exact_match")
+DIAGNOSTICS = ("runaway_rate", "truncation_rate", "empty_rate", "length_ratio", "idk_rate")
+RETRIEVAL = ("retrieval_top1_similarity", "retrieval_best_rougeL", "retrieval_best_cosine")
+LOWER_IS_BETTER = {"runaway_rate", "truncation_rate", "empty_rate", "idk_rate"}
+SWEPT_PARAMS = ("retriever.k", "model.learning_rate", "model.epochs", "model.r", "llm.name")
+VARIANTS_2X2 = ("vanilla", "rag", "lora", "rag_lora")
+
+
+def arrow(metric: str) -> str:
+    """Direction of a metric for readers: up is better unless it is a failure rate."""
+    if metric == "length_ratio":
+        return "→1"
+    return "↓" if metric in LOWER_IS_BETTER else "↑"
+
+
+def fmt_ci(c: dict[str, Any]) -> str:
+    """`mean [low, high]` with 4 decimals."""
+    return f"{c['mean']:.4f} [{c['low']:.4f}, {c['high']:.4f}]"
+
+
+def metric_table_md(ci: dict[str, dict[str, Any]]) -> str:
+    """One run's metrics with n, 95% CI, the resampling method and direction."""
+    lines = ["| metric | | mean [95% CI] | n | clusters | method |", "|---|---|---|---|---|---|"]
+    for name, c in ci.items():
+        lines.append(
+            f"| {name} | {arrow(name)} | {fmt_ci(c)} | {c['n']} | {c.get('n_clusters', '')} "
+            f"| {c.get('method', '')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sample_ids(item_ids: Sequence[str], count: int, seed: int) -> list[str]:
+    """The same qualitative samples for every run on one eval set (chosen by id, seeded)."""
+    ordered = sorted(item_ids)
+    return sorted(random.Random(seed).sample(ordered, min(count, len(ordered))))
+
+
+def samples_md(rows: list[dict[str, Any]], samples_cfg: Any) -> str:
+    """Qualitative samples: question, reference and prediction for fixed ids."""
+    chosen = set(
+        sample_ids([r["item_id"] for r in rows], int(samples_cfg.count), int(samples_cfg.seed))
+    )
+    parts = []
+    for r in rows:
+        if r["item_id"] in chosen:
+            parts.append(
+                f"### {r['item_id']}\n**Q:** {r['question']}\n\n**Reference:** {r['reference']}\n\n"
+                f"**Prediction:** {r['prediction']}\n"
+            )
+    return "\n".join(parts)
+
+
+def topic_figure(topics: dict[str, dict[str, float]]) -> Any:
+    """Per-topic means of the headline per-item metrics."""
+    plt = _pyplot()
+    names = [
+        m
+        for m in ("rougeL_f1", "bertscore_f1", "token_f1")
+        if topics and m in next(iter(topics.values()))
+    ]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(1, len(names))
+    labels = list(topics)
+    for j, name in enumerate(names):
+        ax.bar(
+            [i + j * width for i in range(len(labels))],
+            [topics[t][name] for t in labels],
+            width=width,
+            label=name,
+        )
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_title("Per-topic scores")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --------------------------------------------------------------------------- sweep report
+
+
+def _label(run: dict[str, Any], varying: list[str]) -> str:
+    variant = run["tags"].get("qa_lab.variant", run["name"])
+    extra = " ".join(f"{p.split('.')[-1]}={run['params'].get(p)}" for p in varying)
+    return f"{variant} {extra}".strip()
+
+
+def _load_runs(parent_run_id: str) -> list[dict[str, Any]]:
+    runs = [
+        r
+        for r in tracking.child_runs(parent_run_id)
+        if r["tags"].get("qa_lab.stage") == "evaluate" and r["status"] == "FINISHED"
+    ]
+    if not runs:
+        raise QaLabError(f"report={parent_run_id}: no finished evaluate runs under this run")
+    hashes = {r["tags"].get("qa_lab.eval_set_hash") for r in runs}
+    if len(hashes) > 1:
+        names = ", ".join(f"{r['name']}={r['tags'].get('qa_lab.eval_set_hash')}" for r in runs)
+        raise QaLabError(
+            f"report={parent_run_id}: runs were evaluated on different item sets ({names})"
+        )
+    varying = [p for p in SWEPT_PARAMS if len({r["params"].get(p) for r in runs}) > 1]
+    for r in runs:
+        r["label"] = _label(r, varying)
+        r["ci"] = json.loads(tracking.run_artifact_text(r["run_id"], "metrics.json"))
+        r["items"] = [
+            json.loads(line)
+            for line in tracking.run_artifact_text(r["run_id"], "per_item.jsonl").splitlines()
+            if line.strip()
+        ]
+    return runs
+
+
+def paired_comparisons(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
+    """Every pair of runs on every paired metric, Holm-adjusted within each metric."""
+    from qa_lab import stats
+
+    out = []
+    clusters = [it.get("seed_id") or it["item_id"] for it in runs[0]["items"]]
+    for metric in PAIRED:
+        if metric not in runs[0]["items"][0]["scores"]:
+            continue
+        rows = []
+        for a, b in combinations(runs, 2):
+            va = [it["scores"][metric] for it in a["items"]]
+            vb = [it["scores"][metric] for it in b["items"]]
+            test = stats.paired_test(
+                va, vb, clusters=clusters, resamples=int(boot.resamples), seed=int(boot.seed)
+            )
+            rows.append({"a": a["label"], "b": b["label"], "metric": metric, **test})
+        for row, adj in zip(rows, stats.holm([r["p_value"] for r in rows])):
+            row["p_holm"] = adj
+        out.extend(rows)
+    return out
+
+
+def effects(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
+    """The 2x2 decomposition (RAG, fine-tuning, interaction) when the sweep is that grid."""
+    from qa_lab import stats
+
+    by_variant = {r["tags"].get("qa_lab.variant"): r for r in runs}
+    if len(runs) != 4 or set(by_variant) != set(VARIANTS_2X2):
+        return []
+    clusters = [it.get("seed_id") or it["item_id"] for it in runs[0]["items"]]
+    out = []
+    for metric in PAIRED:
+        if metric not in runs[0]["items"][0]["scores"]:
+            continue
+        cells = [[it["scores"][metric] for it in by_variant[v]["items"]] for v in VARIANTS_2X2]
+        result = stats.effects_2x2(
+            *cells, clusters=clusters, resamples=int(boot.resamples), seed=int(boot.seed)
+        )
+        for name, res in result.items():
+            out.append({"effect": name, "metric": metric, **res})
+    return out
+
+
+def _fig_b64(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _bars_figure(runs: list[dict[str, Any]]) -> Any:
+    plt = _pyplot()
+    metrics = [m for m in HEADLINE if m in runs[0]["ci"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        means = [r["ci"][m]["mean"] for r in runs]
+        err = [
+            [mu - r["ci"][m]["low"] for mu, r in zip(means, runs)],
+            [r["ci"][m]["high"] - mu for mu, r in zip(means, runs)],
+        ]
+        ax.bar(range(len(runs)), means, yerr=err, capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels([r["label"] for r in runs], rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{m} {arrow(m)}")
+    fig.suptitle("Headline metrics with 95% CIs")
+    fig.tight_layout()
+    return fig
+
+
+def _loss_figure(runs: list[dict[str, Any]]) -> Any | None:
+    plt = _pyplot()
+    curves = []
+    for r in runs:
+        key = r["tags"].get("qa_lab.model_key", "")
+        if not key.startswith("lora:"):
+            continue
+        train_run = tracking.find_run_any_parent(key.removeprefix("lora:"), "train")
+        if train_run is None or any(c[0] == key for c in curves):
+            continue
+        curves.append(
+            (
+                key,
+                r["label"],
+                tracking.metric_history(train_run, "train/loss"),
+                tracking.metric_history(train_run, "val/loss"),
+            )
+        )
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for _, label, train, val in curves:
+        ax.plot([s for s, _ in train], [v for _, v in train], label=f"{label} train")
+        if val:
+            ax.plot([s for s, _ in val], [v for _, v in val], marker="o", label=f"{label} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_title("LoRA training and validation loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _sweep_figure(runs: list[dict[str, Any]]) -> Any | None:
+    for param in ("retriever.k", "model.learning_rate"):
+        values = {r["params"].get(param) for r in runs}
+        if len(values) > 1 and None not in values:
+            plt = _pyplot()
+            ordered = sorted(runs, key=lambda r: float(r["params"][param]))
+            xs = [float(r["params"][param]) for r in ordered]
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            for m in ("rougeL_f1", "bertscore_f1", "token_f1"):
+                if m in ordered[0]["ci"]:
+                    ys = [r["ci"][m]["mean"] for r in ordered]
+                    lo = [r["ci"][m]["low"] for r in ordered]
+                    hi = [r["ci"][m]["high"] for r in ordered]
+                    ax.plot(xs, ys, marker="o", label=m)
+                    ax.fill_between(xs, lo, hi, alpha=0.2)
+            if param == "model.learning_rate":
+                ax.set_xscale("log")
+            ax.set_xlabel(param)
+            ax.set_title(f"Metrics against {param}")
+            ax.legend()
+            fig.tight_layout()
+            return fig
+    return None
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def build_report(
+    runs: list[dict[str, Any]], boot: Any
+) -> tuple[str, dict[str, Any], dict[str, float]]:
+    """Markdown report, its figures, and the comparison metrics to log on the parent."""
+    n = len(runs[0]["items"])
+    clusters = len({it.get("seed_id") or it["item_id"] for it in runs[0]["items"]})
+    headline = [m for m in HEADLINE if m in runs[0]["ci"]]
+    md = [
+        f"# qa-lab comparison report\n\n{len(runs)} configurations, {n} items "
+        f"({clusters} seed clusters; CIs resample clusters), eval set "
+        f"`{runs[0]['tags'].get('qa_lab.eval_set_hash')}`.\n",
+        "## Grid (mean [95% CI])\n",
+        _table(
+            ["config"] + [f"{m} {arrow(m)}" for m in headline],
+            [[r["label"]] + [fmt_ci(r["ci"][m]) for m in headline] for r in runs],
+        ),
+    ]
+    comparisons = paired_comparisons(runs, boot)
+    logged: dict[str, float] = {}
+    if comparisons:
+        md += [
+            "\n## Paired comparisons (b − a; p Holm-adjusted per metric)\n",
+            _table(
+                ["a", "b", "metric", "diff [95% CI]", "p", "p (Holm)", "effect size dz"],
+                [
+                    [
+                        c["a"],
+                        c["b"],
+                        c["metric"],
+                        f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
+                        f"{c['p_value']:.4f}",
+                        f"{c['p_holm']:.4f}",
+                        f"{c['effect_size']:+.3f}",
+                    ]
+                    for c in comparisons
+                ],
+            ),
+        ]
+        for c in comparisons:
+            base = f"compare/{c['a'].replace(' ', '_')}_vs_{c['b'].replace(' ', '_')}/{c['metric']}"
+            logged.update(
+                {
+                    f"{base}/diff": c["diff"],
+                    f"{base}/ci_low": c["ci_low"],
+                    f"{base}/ci_high": c["ci_high"],
+                    f"{base}/p_value": c["p_holm"],
+                }
+            )
+    eff = effects(runs, boot)
+    if eff:
+        md += [
+            "\n## 2×2 decomposition\n",
+            "RAG = mean over fine-tuning levels of (with − without retrieval); FT = mean over "
+            "retrieval levels of (LoRA − vanilla); interaction = (rag_lora − lora) − (rag − vanilla).\n",
+            _table(
+                ["effect", "metric", "estimate [95% CI]", "p"],
+                [
+                    [
+                        e["effect"],
+                        e["metric"],
+                        f"{e['diff']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}]",
+                        f"{e['p_value']:.4f}",
+                    ]
+                    for e in eff
+                ],
+            ),
+        ]
+        for e in eff:
+            logged[f"effect/{e['effect']}/{e['metric']}"] = e["diff"]
+    topics = sorted({it.get("topic") or "unknown" for it in runs[0]["items"]})
+    md += [
+        "\n## Per topic (mean ROUGE-L F1 / BERTScore F1)\n",
+        _table(
+            ["config"] + topics, [[r["label"]] + [_topic_cell(r, t) for t in topics] for r in runs]
+        ),
+    ]
+    diag = [m for m in DIAGNOSTICS if m in runs[0]["ci"]]
+    md += [
+        "\n## Diagnostics\n",
+        _table(
+            ["config"] + [f"{m} {arrow(m)}" for m in diag] + ["answers/s", "tokens/s"],
+            [
+                [r["label"]]
+                + [f"{r['ci'][m]['mean']:.3f}" for m in diag]
+                + [_speed(r, "answers_per_s"), _speed(r, "tokens_per_s")]
+                for r in runs
+            ],
+        ),
+    ]
+    retr = [m for m in RETRIEVAL if any(m in r["ci"] for r in runs)]
+    if retr:
+        md += [
+            "\n## Retrieval quality\n",
+            _table(
+                ["config"] + retr,
+                [
+                    [r["label"]]
+                    + [f"{r['ci'][m]['mean']:.3f}" if m in r["ci"] else "–" for m in retr]
+                    for r in runs
+                    if any(m in r["ci"] for m in retr)
+                ],
+            ),
+        ]
+    md += ["\n## Side by side\n"]
+    by_id = [{it["item_id"]: it for it in r["items"]} for r in runs]
+    for item_id in sample_ids(list(by_id[0]), 6, 0):
+        first = by_id[0][item_id]
+        md.append(
+            f"### {item_id}\n**Q:** {first['question']}\n\n**Reference:** {first['reference']}\n"
+        )
+        for r, items in zip(runs, by_id):
+            md.append(f"- **{r['label']}:** {items[item_id]['prediction'][:600]}")
+        md.append("")
+    figures = {"metrics": _bars_figure(runs)}
+    for name, fig in (("loss", _loss_figure(runs)), ("sweep", _sweep_figure(runs))):
+        if fig is not None:
+            figures[name] = fig
+    return "\n".join(md) + "\n", figures, logged
+
+
+def _topic_cell(run: dict[str, Any], topic: str) -> str:
+    items = [it for it in run["items"] if (it.get("topic") or "unknown") == topic]
+    if not items:
+        return "–"
+    mean = lambda m: sum(it["scores"].get(m, 0.0) for it in items) / len(items)  # noqa: E731
+    return f"{mean('rougeL_f1'):.3f} / {mean('bertscore_f1'):.3f}"
+
+
+def _speed(run: dict[str, Any], key: str) -> str:
+    value = run["metrics"].get(key)
+    return f"{value:.2f}" if value is not None else "cached"
+
+
+def report_sweep(cfg: Any, parent_run_id: str) -> str:
+    """Build the report of a finished sweep from MLflow and log it on the parent run."""
+    runs = _load_runs(parent_run_id)
+    md, figures, logged = build_report(runs, cfg.metrics.bootstrap)
+    images = "".join(
+        f'<h3>{name}</h3><img src="data:image/png;base64,{_fig_b64(fig)}"/>'
+        for name, fig in figures.items()
+    )
+    html = _html(md, images)
+    with tracking.resume_run(parent_run_id):
+        tracking.log_text(md, "report/report.md")
+        tracking.log_text(html, "report/report.html")
+        for name, fig in figures.items():
+            tracking.log_figure(fig, f"report/{name}.png")
+        tracking.log_metrics(logged)
+    headline = [m for m in HEADLINE if m in runs[0]["ci"]]
+    print(
+        _table(
+            ["config"] + headline,
+            [[r["label"]] + [fmt_ci(r["ci"][m]) for m in headline] for r in runs],
+        )
+    )
+    print(f"report: runs:/{parent_run_id}/report/report.html — {tracking.ui_command(cfg.tracking)}")
+    return md
+
+
+def _html(md: str, images: str) -> str:
+    """A self-contained HTML page (markdown tables rendered as HTML, figures inline)."""
+    import html as html_lib
+
+    body, table = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [html_lib.escape(c.strip()) for c in line.strip("|").split("|")]
+            if not set("".join(cells)) <= set("-"):
+                tag = "th" if not table else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if table:
+            body.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html_lib.escape(line.lstrip('# '))}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html_lib.escape(line).replace('**', '')}</p>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>qa-lab report</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}<h2>Figures</h2>{images}</body></html>"
+    )

@@ -1,0 +1,413 @@
+"""MLflow: store URI, experiments, runs and nesting, params/tags/metrics/tables/artifacts.
+
+The only module that imports mlflow. Sweeps get one parent run (created by the Hydra callback
+before any job starts); its id reaches every job through a file in the sweep folder, read here
+and passed explicitly as `parent_run_id` — never through MLFLOW_RUN_ID, which silently takes
+precedence over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from qa_lab import __version__
+from qa_lab.config import PROJECT_ROOT, flatten, redact
+from qa_lab.errors import QaLabError
+
+PARENT_FILE = "mlflow_parent_run.json"
+PARAM_VALUE_LIMIT = 500
+TAG_PREFIX = "qa_lab."
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def configure(tracking_cfg: Any) -> str:
+    """Point MLflow at the configured store and return the experiment id (created if new)."""
+    _quiet_mlflow()
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = str(tracking_cfg.uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(tracking_cfg.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return mlflow.create_experiment(
+                tracking_cfg.experiment, artifact_location=_artifact_uri(tracking_cfg)
+            )
+        except MlflowException:  # a parallel job created it first
+            return mlflow.get_experiment_by_name(tracking_cfg.experiment).experiment_id
+    except MlflowException as err:
+        raise QaLabError(f"tracking.uri={uri}: {str(err).splitlines()[0][:200]}") from None
+    except Exception as err:  # connection errors surface as requests/urllib3 exceptions
+        raise QaLabError(
+            f"tracking.uri={uri}: tracking server unreachable ({type(err).__name__})"
+        ) from None
+
+
+def _artifact_uri(tracking_cfg: Any) -> str | None:
+    location = tracking_cfg.get("artifact_location")
+    if not location:
+        return None
+    return Path(location).resolve().as_uri()
+
+
+def git_state() -> dict[str, str]:
+    """Commit and dirty flag of the project checkout ("unknown" outside git)."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return {"git_sha": sha, "git_dirty": str(bool(dirty)).lower()}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_sha": "unknown", "git_dirty": "unknown"}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour changes results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"qa_lab": __version__}
+    for package in ("torch", "transformers", "peft", "trl", "sentence-transformers", "mlflow"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "absent"
+    return out
+
+
+def sweep_parent_file(sweep_dir: str | Path) -> Path:
+    """Where the multirun callback leaves the parent run id for its jobs."""
+    return Path(sweep_dir) / PARENT_FILE
+
+
+def current_parent_run_id() -> str | None:
+    """The sweep's parent run id when this process runs a multirun job, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    path = sweep_parent_file(hydra_cfg.sweep.dir)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["run_id"]
+
+
+def create_parent_run(tracking_cfg: Any, name: str, tags: Mapping[str, str]) -> str:
+    """Create (without activating) a sweep's parent run; jobs nest under it by id."""
+    import mlflow
+
+    experiment_id = configure(tracking_cfg)
+    client = mlflow.MlflowClient()
+    all_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in tags.items()}
+    all_tags.update({f"{TAG_PREFIX}{k}": v for k, v in git_state().items()})
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run_by_id(run_id: str, status: str = "FINISHED") -> None:
+    """Close a run that is not the active one (the sweep parent)."""
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def start_run(
+    cfg: Any,
+    *,
+    stage: str,
+    key: str,
+    variant: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    log_config: bool = True,
+) -> Iterator[str]:
+    """Open a run (nested under the sweep parent in a multirun) with params, tags and config.
+
+    A job that raises ends its run as FAILED and still uploads its Hydra log.
+    """
+    import mlflow
+
+    from qa_lab.config import to_dict
+
+    experiment_id = configure(cfg.tracking)
+    parent = current_parent_run_id()
+    name = f"{stage}-{variant}-{key[:8]}" if variant else f"{stage}-{key[:8]}"
+    all_tags = {
+        f"{TAG_PREFIX}stage": stage,
+        f"{TAG_PREFIX}key": key,
+        **{f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()},
+        **{f"{TAG_PREFIX}{k}": v for k, v in git_state().items()},
+        **{f"{TAG_PREFIX}version.{k}": v for k, v in library_versions().items()},
+    }
+    if variant:
+        all_tags[f"{TAG_PREFIX}variant"] = variant
+    resolved = redact(to_dict(cfg)) if log_config else {}
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=name,
+        tags=all_tags,
+        parent_run_id=parent,
+        nested=parent is not None,
+    )
+    try:
+        if log_config:
+            _log_params(resolved)
+            mlflow.log_dict(resolved, "config/config.json")
+            _log_hydra_files()
+        yield run.info.run_id
+    except BaseException:
+        _log_hydra_log()
+        mlflow.end_run(status="FAILED")
+        raise
+    _log_hydra_log()
+    mlflow.end_run()
+
+
+def _log_params(resolved: dict[str, Any]) -> None:
+    import mlflow
+    from mlflow.entities import Param
+
+    params = [
+        Param(k, str(v)[:PARAM_VALUE_LIMIT])
+        for k, v in flatten(resolved).items()
+        if not k.startswith("hydra.")
+    ]
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start : start + 100])
+
+
+def _hydra_output_dir() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return None
+
+
+def _log_hydra_files() -> None:
+    import mlflow
+
+    out = _hydra_output_dir()
+    if out is not None and (out / ".hydra").is_dir():
+        mlflow.log_artifacts(str(out / ".hydra"), "config/hydra")
+
+
+def _log_hydra_log() -> None:
+    import mlflow
+
+    out = _hydra_output_dir()
+    if out is None:
+        return
+    for log in out.glob("*.log"):
+        mlflow.log_artifact(str(log), "logs")
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log numeric metrics on the active run (non-finite values are skipped, not faked)."""
+    import math
+
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Tags under the qa_lab. prefix on the active run."""
+    import mlflow
+
+    mlflow.set_tags({f"{TAG_PREFIX}{k}": str(v) for k, v in tags.items()})
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Extra params on the active run (values truncated to MLflow's limit)."""
+    import mlflow
+
+    mlflow.log_params({k: str(v)[:PARAM_VALUE_LIMIT] for k, v in params.items()})
+
+
+def log_table(rows: list[dict[str, Any]], name: str) -> None:
+    """One table per run (MLflow keeps every table's name in one size-limited tag)."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.log_table(pd.DataFrame(rows), artifact_file=name)
+
+
+def log_dict(obj: Any, name: str) -> None:
+    """A JSON/YAML artifact."""
+    import mlflow
+
+    mlflow.log_dict(obj, name)
+
+
+def log_text(text: str, name: str) -> None:
+    """A text artifact."""
+    import mlflow
+
+    mlflow.log_text(text, name)
+
+
+def log_figure(figure: Any, name: str) -> None:
+    """A matplotlib figure as an image artifact."""
+    import mlflow
+
+    mlflow.log_figure(figure, name)
+
+
+def log_artifacts(path: str | Path, artifact_path: str | None = None) -> None:
+    """A file or folder as artifacts."""
+    import mlflow
+
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_input(rows: list[dict[str, Any]], name: str, context: str, digest: str) -> None:
+    """A dataset split as an MLflow input (shows in the run's Datasets panel)."""
+    import mlflow
+    import pandas as pd
+
+    dataset = mlflow.data.from_pandas(pd.DataFrame(rows), name=name, digest=digest[:36])
+    mlflow.log_input(dataset, context=context)
+
+
+def find_finished_run(tracking_cfg: Any, stage: str, key: str) -> str | None:
+    """The newest finished run of a stage with this key, for reuse and `runs:/` lookups."""
+    import mlflow
+
+    experiment_id = configure(tracking_cfg)
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{TAG_PREFIX}stage` = '{stage}' and tags.`{TAG_PREFIX}key` = '{key}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def download_artifacts(uri: str) -> Path:
+    """Fetch a `runs:/…` (or any MLflow artifact) URI to a local temp folder."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp()))
+    except (MlflowException, OSError) as err:
+        raise QaLabError(f"{uri}: cannot download ({str(err).splitlines()[0][:160]})") from None
+
+
+def child_runs(parent_run_id: str) -> list[dict[str, Any]]:
+    """Finished runs nested under a parent: id, name, tags, params and latest metrics."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
+    return [
+        {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "tags": dict(r.data.tags),
+            "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics),
+        }
+        for r in runs
+    ]
+
+
+def run_artifact_text(run_id: str, path: str) -> str:
+    """Text of one artifact of a run."""
+    import mlflow
+
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of a metric, in step order."""
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+@contextlib.contextmanager
+def resume_run(run_id: str) -> Iterator[None]:
+    """Make an existing run active (to log the report on a sweep parent)."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+def ui_command(tracking_cfg: Any) -> str:
+    """The command that opens the MLflow UI over this store."""
+    uri = str(tracking_cfg.uri)
+    if uri.startswith("http"):
+        return f"open {uri}"
+    return "make ui   # then open http://127.0.0.1:5000"
+
+
+def find_run_any_parent(key: str, stage: str) -> str | None:
+    """Newest finished run with this stage and key in any experiment of the current store."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=(
+            f"tags.`{TAG_PREFIX}stage` = '{stage}' and tags.`{TAG_PREFIX}key` = '{key}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
