@@ -20,7 +20,7 @@ from qa_lab.errors import QaLabError
 HEADLINE = ("bleu", "rougeL_f1", "bertscore_f1", "exact_match", "token_f1")
 PAIRED = ("rougeL_f1", "bertscore_f1", "token_f1", "sentence_bleu", "exact_match")
 DIAGNOSTICS = ("runaway_rate", "truncation_rate", "empty_rate", "length_ratio", "idk_rate")
-RETRIEVAL = ("retrieval_top1_similarity", "retrieval_best_rougeL", "retrieval_best_cosine")
+RETRIEVAL = ("retrieval_top1_score", "retrieval_best_rougeL", "retrieval_best_cosine")
 LOWER_IS_BETTER = {"runaway_rate", "truncation_rate", "empty_rate", "idk_rate"}
 SWEPT_PARAMS = ("retriever.k", "model.learning_rate", "model.epochs", "model.r", "llm.name")
 VARIANTS_2X2 = ("vanilla", "rag", "lora", "rag_lora")
@@ -325,15 +325,16 @@ def build_report(
     if eff:
         md += [
             "\n## 2×2 decomposition\n",
-            "RAG = mean over fine-tuning levels of (with − without retrieval); FT = mean over "
-            "retrieval levels of (LoRA − vanilla); interaction = (rag_lora − lora) − (rag − vanilla).\n",
+            "RAG = mean over fine-tuning levels of (with − without retrieval); "
+            "FT = mean over retrieval levels of (LoRA − vanilla); "
+            "interaction = (rag_lora − lora) − (rag − vanilla).\n",
             _table(
                 ["effect", "metric", "estimate [95% CI]", "p"],
                 [
                     [
                         e["effect"],
                         e["metric"],
-                        f"{e['diff']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}]",
+                        f"{e['estimate']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}]",
                         f"{e['p_value']:.4f}",
                     ]
                     for e in eff
@@ -341,7 +342,7 @@ def build_report(
             ),
         ]
         for e in eff:
-            logged[f"effect/{e['effect']}/{e['metric']}"] = e["diff"]
+            logged[f"effect/{e['effect']}/{e['metric']}"] = e["estimate"]
     topics = sorted({it.get("topic") or "unknown" for it in runs[0]["items"]})
     md += [
         "\n## Per topic (mean ROUGE-L F1 / BERTScore F1)\n",

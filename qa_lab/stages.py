@@ -33,6 +33,17 @@ from qa_lab.records import QAItem
 DATA_VERSION = 1
 TRAIN_VERSION = 1
 SPLITS = ("train", "val", "test")
+COUNT_ORDER = (
+    "loaded",
+    "synthetic_kept",
+    "synthetic_rejected",
+    "before_dedup",
+    "after_exact_dedup",
+    "after_semantic_dedup",
+    "train",
+    "val",
+    "test",
+)
 
 
 # --------------------------------------------------------------------------- dataset
@@ -309,7 +320,7 @@ def build_dataset_main(cfg: DictConfig) -> None:
     """build_dataset.py: the last printed line is the dataset folder."""
     folder = build_dataset(cfg)
     counts = read_manifest(folder)["counts"]
-    print(" -> ".join(f"{k} {v}" for k, v in counts.items()))
+    print(" -> ".join(f"{k} {counts[k]}" for k in COUNT_ORDER if k in counts))
     print(folder)
 
 
@@ -342,7 +353,7 @@ def train_key(cfg: DictConfig, data_key: str) -> str:
 
 
 def adapter_for(cfg: DictConfig) -> tuple[Path, str]:
-    """The adapter folder for `model=lora`: the one given, or the cached one (trained if missing)."""
+    """The adapter for `model=lora`: the one given, or the cached one (trained if missing)."""
     given = cfg.model.get("adapter")
     if given:
         folder = Path(given) if not str(given).startswith("runs:/") else None
@@ -459,7 +470,7 @@ def evaluate(cfg: DictConfig) -> str:
     from qa_lab import metrics, models
     from qa_lab.generation import GenParams, LocalGenerator, generate_cached
 
-    metrics.check_groups(list(cfg.metrics.groups))
+    metrics.validate_groups(list(cfg.metrics.groups))
     require_choice("eval.split", cfg.eval.split, ("test", "val"))
     data_folder = build_dataset(cfg)
     data_key = read_manifest(data_folder)["key"]
@@ -610,48 +621,27 @@ def score_rows(cfg: DictConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     from qa_lab import metrics, stats
 
     boot = cfg.metrics.bootstrap
+    opts = {
+        "resamples": int(boot.resamples),
+        "confidence": float(boot.confidence),
+        "seed": int(boot.seed),
+    }
     scored = metrics.score_items(rows, cfg.metrics, embedder_cache_dir=cfg.paths.cache)
     clusters = [r.get("seed_id") or r.get("item_id") or str(i) for i, r in enumerate(rows)]
     ci: dict[str, dict[str, Any]] = {}
-    for name in scored.per_item[0] if scored.per_item else []:
-        values = [s[name] for s in scored.per_item]
-        result = stats.bootstrap_ci(
-            values,
-            clusters=clusters,
-            resamples=int(boot.resamples),
-            confidence=float(boot.confidence),
-            seed=int(boot.seed),
-        )
-        ci[name] = result.as_dict()
-    if "bleu" in scored.corpus:
-        result = stats.bootstrap_corpus_ci(
-            len(rows),
-            lambda idx: metrics.corpus_bleu(
-                [rows[i]["prediction"] for i in idx],
-                [rows[i]["reference"] for i in idx],
-                cfg.metrics,
-            ),
-            clusters=clusters,
-            resamples=int(boot.resamples),
-            confidence=float(boot.confidence),
-            seed=int(boot.seed),
-        )
-        ci["bleu"] = result.as_dict()
+    if scored.bleu_stats is not None:
+        ci["bleu"] = stats.bootstrap_corpus_ci(
+            len(rows), scored.corpus_bleu, clusters=clusters, **opts
+        ).as_dict()
+    for name in scored.metric_names():
+        run_name = metrics.RATE_NAMES.get(name, name)
+        ci[run_name] = stats.bootstrap_ci(scored.column(name), clusters=clusters, **opts).as_dict()
     summary: dict[str, float] = {}
     for name, c in ci.items():
-        summary[name] = c["mean"]
-        summary[f"{name}_ci_low"] = c["low"]
-        summary[f"{name}_ci_high"] = c["high"]
-    topics: dict[str, dict[str, float]] = {}
-    for topic in sorted({r.get("topic") or "unknown" for r in rows}):
-        idx = [i for i, r in enumerate(rows) if (r.get("topic") or "unknown") == topic]
-        topics[topic] = {
-            name: sum(scored.per_item[i][name] for i in idx) / len(idx)
-            for name in ci
-            if name != "bleu"
-        }
-        for name, value in topics[topic].items():
-            summary[f"topic/{topic}/{name}"] = value
+        summary.update({name: c["mean"], f"{name}_ci_low": c["low"], f"{name}_ci_high": c["high"]})
+    topics = scored.topic_means()
+    for topic, means in topics.items():
+        summary.update({f"topic/{topic}/{name}": v for name, v in means.items()})
     return {
         "per_item": scored.per_item,
         "corpus": scored.corpus,
@@ -665,7 +655,7 @@ def score_predictions_file(cfg: DictConfig) -> None:
     """`evaluate.py predictions=FILE`: score rows {question, prediction, reference}, no LLM."""
     from qa_lab import metrics
 
-    metrics.check_groups(list(cfg.metrics.groups))
+    metrics.validate_groups(list(cfg.metrics.groups))
     path = Path(cfg.predictions)
     raw = read_jsonl(path)
     if not raw:

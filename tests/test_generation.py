@@ -1,0 +1,110 @@
+from pathlib import Path
+
+import pytest
+
+from qa_lab import prompts
+from qa_lab.cache import ItemCache
+from qa_lab.errors import QaLabError
+from qa_lab.generation import GenParams, LocalGenerator, cut_at_stop, generate_cached, request_key
+
+QUESTIONS = [
+    "What is a hash table?",
+    "What does TCP guarantee that UDP does not?",
+    "What is a deadlock?",
+    "Explain the difference between a process and a thread in an operating system.",
+]
+
+
+def _prompts(tokenizer):
+    return [
+        prompts.render_prompt(
+            tokenizer, prompts.build_messages(q, [], system="Answer briefly.", context_header="")
+        )
+        for q in QUESTIONS
+    ]
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("An answer.\nQuestion: next?", ["\nQuestion:"]) == ("An answer.", True)
+    assert cut_at_stop("An answer.", ["\nQuestion:"]) == ("An answer.", False)
+
+
+def test_request_key_depends_on_model_prompt_and_params_not_batch():
+    p = GenParams(max_new_tokens=10)
+    assert request_key("m", "x", p) != request_key("m2", "x", p)
+    assert request_key("m", "x", p) != request_key("m", "y", p)
+    assert request_key("m", "x", p) != request_key("m", "x", GenParams(max_new_tokens=11))
+    assert request_key("m", "x", p) == request_key(
+        "m", "x", GenParams(max_new_tokens=10, temperature=0.3)
+    )
+
+
+def test_bad_max_new_tokens_is_one_line_error():
+    from omegaconf import OmegaConf
+
+    with pytest.raises(QaLabError, match="generation.max_new_tokens"):
+        GenParams.from_cfg(
+            OmegaConf.create(
+                {"max_new_tokens": 0, "do_sample": False, "temperature": 1.0, "stop_strings": []}
+            ),
+            0,
+        )
+
+
+def test_batched_equals_one_at_a_time_and_stops(base_model, tokenizer):
+    params = GenParams(max_new_tokens=24, stop_strings=("\nQuestion:",))
+    texts = _prompts(tokenizer)
+    batched = LocalGenerator(base_model, tokenizer, params, batch_size=4)
+    single = LocalGenerator(base_model, tokenizer, params, batch_size=1)
+    out_b = [
+        a
+        for batch in batched.batches(texts)
+        for a in zip(batch, batched.generate_batch([texts[i] for i in batch]))
+    ]
+    out_b = [a for _, a in sorted(out_b)]
+    out_s = [single.generate_batch([t])[0] for t in texts]
+    assert [a["prediction"] for a in out_b] == [a["prediction"] for a in out_s]
+    for a in out_s:
+        assert a["stop_reason"] in {"eos", "length", "stop_string"}
+        assert 0 < a["generated_tokens"] <= 24
+        assert "<|im_end|>" not in a["prediction"] and "assistant" not in a["prediction"][:10]
+
+
+def test_cache_resumes_and_warm_rerun_generates_nothing(base_model, tokenizer, tmp_path: Path):
+    params = GenParams(max_new_tokens=12)
+    texts = _prompts(tokenizer)
+    ids = [f"q{i}" for i in range(len(texts))]
+    built = []
+
+    def make():
+        built.append(1)
+        return LocalGenerator(base_model, tokenizer, params, batch_size=2)
+
+    cache = ItemCache(tmp_path / "answers.sqlite")
+    # an "interrupted" first run that finished two items
+    first = generate_cached(ids[:2], texts[:2], params, make, cache, "smol", progress=False)
+    generated = []
+    full = generate_cached(
+        ids, texts, params, make, cache, "smol", progress=False, on_batch=generated.append
+    )
+    assert sum(generated) == 2  # only the two missing answers
+    assert [p.prediction for p in full[:2]] == [p.prediction for p in first]
+    assert [p.extra["cached"] for p in full] == [True, True, False, False]
+
+    def never():
+        raise AssertionError("a warm rerun must not load the model")
+
+    again = generate_cached(ids, texts, params, never, cache, "smol", progress=False)
+    assert [p.prediction for p in again] == [p.prediction for p in full]
+    other_model = []
+    generate_cached(
+        ids[:1],
+        texts[:1],
+        params,
+        make,
+        cache,
+        "other-model",
+        progress=False,
+        on_batch=other_model.append,
+    )
+    assert other_model == [1]  # the model is part of the key

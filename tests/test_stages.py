@@ -1,0 +1,192 @@
+"""End to end on a small slice: real embedded models, real FAISS, a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from qa_lab import stages
+from qa_lab.config import PROJECT_ROOT
+from qa_lab.errors import QaLabError
+from qa_lab.jsonl import read_jsonl, write_jsonl
+from tests.conftest import compose_cfg
+
+SEEDS = PROJECT_ROOT / "data" / "seed" / "cs_interview.jsonl"
+
+
+@pytest.fixture
+def small_source(tmp_path: Path) -> Path:
+    rows = read_jsonl(SEEDS)
+    picked = [r for i, r in enumerate(rows) if i % 5 == 0][:50]
+    path = tmp_path / "small.jsonl"
+    write_jsonl(path, picked)
+    return path
+
+
+def _data_overrides(store: list[str], source: Path) -> list[str]:
+    return [*store, f"dataset.source={source}", "dataset.synthesis.backend=none"]
+
+
+def _overrides(store: list[str], source: Path, *extra: str) -> list[str]:
+    return [
+        *_data_overrides(store, source),
+        "eval.limit=6",
+        "generation.max_new_tokens=24",
+        "metrics.bootstrap.resamples=200",
+        "metrics.bertscore.baseline_pairs=100",
+        *extra,
+    ]
+
+
+def _runs(cfg, stage: str):
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    return mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`qa_lab.stage` = '{stage}'", output_format="list"
+    )
+
+
+def test_dataset_stage_builds_once_and_logs(store, small_source, capsys):
+    cfg = compose_cfg("build_dataset", _data_overrides(store, small_source))
+    stages.build_dataset_main(cfg)
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    n = sum(manifest["counts"][s] for s in ("train", "val", "test"))
+    assert n == manifest["counts"]["after_semantic_dedup"] == 50
+    train_ids = {r["id"] for r in read_jsonl(folder / "train.jsonl")}
+    test_ids = {r["id"] for r in read_jsonl(folder / "test.jsonl")}
+    assert not train_ids & test_ids
+    mtime = (folder / "manifest.json").stat().st_mtime
+    stages.build_dataset_main(cfg)  # reuse: nothing rebuilt, no second run
+    assert (folder / "manifest.json").stat().st_mtime == mtime
+    runs = _runs(cfg, "dataset")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.metrics["count/loaded"] == 50
+    assert {i.dataset.name.split("-")[0] for i in run.inputs.dataset_inputs} == {
+        "train",
+        "val",
+        "test",
+    }
+    assert run.data.tags["qa_lab.key"] == manifest["key"]
+    assert "dataset.source" in run.data.params
+
+
+def test_evaluate_vanilla_and_rag(store, small_source):
+    cfg = compose_cfg("evaluate", _overrides(store, small_source))
+    stages.evaluate(cfg)
+    rag = compose_cfg(
+        "evaluate", _overrides(store, small_source, "retriever=faiss", "retriever.k=2")
+    )
+    stages.evaluate(rag)
+    runs = {r.data.tags["qa_lab.variant"]: r for r in _runs(cfg, "evaluate")}
+    assert set(runs) == {"vanilla", "rag"}
+    for run in runs.values():
+        m = run.data.metrics
+        for name in (
+            "bleu",
+            "rougeL_f1",
+            "bertscore_f1",
+            "bertscore_f1_raw",
+            "exact_match",
+            "token_f1",
+        ):
+            assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"], name
+        assert 0 <= m["runaway_rate"] <= 1 and 0 <= m["truncation_rate"] <= 1
+        assert any(k.startswith("topic/") for k in m)
+        items = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/per_item.jsonl").splitlines()
+        assert len(items) == 6
+    rag_items = [
+        json.loads(x)
+        for x in mlflow.artifacts.load_text(
+            f"runs:/{runs['rag'].info.run_id}/per_item.jsonl"
+        ).splitlines()
+    ]
+    assert all(len(it["retrieved"]) == 2 for it in rag_items)
+    assert all("<passage 1>" in it["prompt"] for it in rag_items)
+    assert "retrieval_best_rougeL" in runs["rag"].data.metrics
+    assert (
+        runs["rag"].data.tags["qa_lab.eval_set_hash"]
+        == runs["vanilla"].data.tags["qa_lab.eval_set_hash"]
+    )
+
+
+def test_retriever_k_zero_builds_the_no_retrieval_prompt(store, small_source):
+    from qa_lab import models, prompts
+
+    none_cfg = compose_cfg("evaluate", _overrides(store, small_source))
+    zero_cfg = compose_cfg(
+        "evaluate", _overrides(store, small_source, "retriever=faiss", "retriever.k=0")
+    )
+    folder = stages.build_dataset(none_cfg)
+    items = stages.read_split(folder, "test")[:3]
+    tok = models.load_tokenizer(none_cfg.llm, none_cfg.paths.models)
+    texts = []
+    for cfg in (none_cfg, zero_cfg):
+        passages = stages._retriever(cfg, folder).search([it.question for it in items])
+        texts.append(
+            [
+                prompts.render_prompt(
+                    tok,
+                    prompts.build_messages(
+                        it.question,
+                        ps,
+                        system=cfg.prompt.system,
+                        context_header=cfg.prompt.context_header,
+                    ),
+                )
+                for it, ps in zip(items, passages)
+            ]
+        )
+    assert texts[0] == texts[1]
+
+
+def test_retriever_k_larger_than_index_is_one_line_error(store, small_source):
+    cfg = compose_cfg(
+        "evaluate", _overrides(store, small_source, "retriever=faiss", "retriever.k=5000")
+    )
+    with pytest.raises(QaLabError, match="retriever.k=5000"):
+        stages.evaluate(cfg)
+
+
+def test_unknown_metric_group_is_one_line_error(store, small_source):
+    cfg = compose_cfg("evaluate", _overrides(store, small_source, "metrics.groups=[lexical,bogus]"))
+    with pytest.raises(QaLabError, match="metrics.groups"):
+        stages.evaluate(cfg)
+
+
+def test_score_predictions_file_and_bad_rows(store, tmp_path):
+    good = tmp_path / "preds.jsonl"
+    write_jsonl(
+        good,
+        [
+            {
+                "question": "What is a stack?",
+                "prediction": "A LIFO structure.",
+                "reference": "A LIFO structure.",
+            },
+            {
+                "question": "What is TCP?",
+                "prediction": "A protocol.\nQuestion: what is UDP?",
+                "reference": "A reliable transport protocol.",
+            },
+        ],
+    )
+    cfg = compose_cfg("evaluate", [*store, f"predictions={good}", "metrics=original"])
+    stages.evaluate_main(cfg)
+    run = _runs(cfg, "evaluate")[0]
+    assert run.data.metrics["exact_match"] == pytest.approx(0.5)
+    assert run.data.metrics["runaway_rate"] == pytest.approx(0.5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "prediction": "p", "reference": "r"}\n{"question": "q"}\n')
+    cfg = compose_cfg("evaluate", [*store, f"predictions={bad}", "metrics=lexical"])
+    with pytest.raises(QaLabError, match=r"bad.jsonl:2: .*prediction"):
+        stages.evaluate_main(cfg)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "q", "prediction": "p", "reference": "r"}\n{not json\n')
+    cfg = compose_cfg("evaluate", [*store, f"predictions={broken}", "metrics=lexical"])
+    with pytest.raises(QaLabError, match=r"broken.jsonl:2: malformed JSON"):
+        stages.evaluate_main(cfg)
