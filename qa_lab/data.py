@@ -1,0 +1,915 @@
+"""Dataset building blocks: load+validate, normalise, exact and semantic dedup, split, audit.
+
+Every function here is plain library code (no MLflow, no Hydra) so `stages.build_dataset` can
+compose them and tests can check each one alone. Two procedures are kept bit-for-bit as the
+original study ran them, because its published splits must be reproducible: the
+`strip_lower` normalisation and the `random` split (`random.seed(seed); random.shuffle`).
+Semantic dedup keeps the original's greedy semantics (file order, compare with every kept
+row, drop above the threshold) but runs blockwise so it scales to 100k rows.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import io
+import json
+import math
+import random
+import unicodedata
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from numbers import Number
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qa_lab.errors import QaLabError, require_choice
+from qa_lab.jsonl import read_jsonl
+from qa_lab.records import QAItem
+
+FIELDS = ("id", "question", "answer", "topic", "difficulty")
+# Lineage fields are carried over by their exact name when a file has them.
+LINEAGE_FIELDS = ("seed_id", "source", "generator")
+# Recognised column names, in order of preference. `instruction` comes before `input`
+# because in Alpaca-style files `input` is optional extra context, not the question.
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "id": ("id", "item_id", "qid", "uid"),
+    "question": ("question", "query", "prompt", "instruction", "input", "q"),
+    "answer": ("answer", "response", "output", "completion", "target", "reference", "a"),
+    "topic": ("topic", "category", "subject"),
+    "difficulty": ("difficulty", "level"),
+}
+FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "hf")
+EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+NORMALIZE_MODES = ("robust", "strip_lower")
+SPLIT_STRATEGIES = ("group", "random")
+SPLIT_NAMES = ("train", "val", "test")
+# Characters dropped from the end of a question by the robust normalisation: "What is X?"
+# and "what is x" are the same question.
+TRAILING_PUNCTUATION = "?.!;:,…"
+
+Row = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_items(
+    path: str | Path,
+    *,
+    encoding: str = "utf-8",
+    fmt: str = "auto",
+    columns: Mapping[str, str | None] | None = None,
+) -> tuple[list[QAItem], dict[str, str | None]]:
+    """Load and validate a QA file, returning the items and the column mapping used.
+
+    The mapping is returned so the caller can print and log which column became which field:
+    auto-recognition is convenient but must never be silent.
+
+    Args:
+        path: A .jsonl/.json/.csv/.tsv/.parquet file or a `datasets.save_to_disk` folder.
+        encoding: Text encoding of text formats (`dataset.encoding`).
+        fmt: `auto` (from the extension) or one of jsonl, json, csv, tsv, parquet, hf.
+        columns: Field -> column name for id, question, answer, topic, difficulty; a missing
+            or `None` entry means "recognise a common name".
+
+    Returns:
+        The items in file order, and the mapping field -> column (None: not in the file).
+
+    Raises:
+        QaLabError: One line naming the file and line (or row) for any bad input.
+    """
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    if fmt != "hf" and path.is_dir():
+        raise QaLabError(f"{path}: is a folder; set dataset.format=hf for a saved HF dataset")
+    if fmt not in ("parquet", "hf"):
+        _check_encoding(encoding)
+    rows, where, fieldnames = _read_rows(path, fmt, encoding)
+    if not rows:
+        raise QaLabError(f"{path}: no data rows (empty file); point dataset.source= at a QA file")
+    mapping = resolve_columns(fieldnames, columns, source=path)
+    items = [_make_item(row, loc, n, mapping) for n, (row, loc) in enumerate(zip(rows, where), 1)]
+    _check_unique_ids(items, where)
+    return items, mapping
+
+
+def detect_format(path: str | Path, fmt: str = "auto") -> str:
+    """Resolve `dataset.format=auto` from the path; an explicit format is only validated."""
+    require_choice("dataset.format", fmt, FORMATS)
+    path = Path(path)
+    if not path.exists():
+        raise QaLabError(f"{path}: file not found; set dataset.source= to an existing file")
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "hf"
+    found = EXTENSIONS.get(path.suffix.lower())
+    if found is None:
+        raise QaLabError(
+            f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+            f"set dataset.format= to one of {', '.join(FORMATS[1:])}"
+        )
+    return found
+
+
+def resolve_columns(
+    fieldnames: Sequence[str],
+    columns: Mapping[str, str | None] | None = None,
+    *,
+    source: str | Path = "",
+) -> dict[str, str | None]:
+    """Decide which file column feeds each field: explicit mapping first, then common names.
+
+    Matching of common names ignores case and surrounding spaces, so `Question` and
+    ` query ` are found; an explicit mapping must name a column exactly.
+
+    Args:
+        fieldnames: The file's columns in file order.
+        columns: Explicit field -> column entries (None values fall back to recognition).
+        source: The file, for error messages.
+
+    Returns:
+        Field -> column (None when the optional field is not in the file).
+
+    Raises:
+        QaLabError: An unknown field, a mapped column missing from the file, or no column
+            for question/answer; the message lists the file's columns.
+    """
+    present = list(fieldnames)
+    listing = ", ".join(present) if present else "(none)"
+    explicit = dict(columns or {})
+    for key in explicit:
+        if key not in FIELDS:
+            raise QaLabError(f"dataset.columns.{key} is not a field; fields: {', '.join(FIELDS)}")
+    by_lower: dict[str, str] = {}
+    for name in present:
+        by_lower.setdefault(str(name).strip().lower(), name)
+    mapping: dict[str, str | None] = {}
+    for fld in FIELDS:
+        wanted = explicit.get(fld)
+        if wanted is not None:
+            if wanted not in present:
+                raise QaLabError(
+                    f"{source}: dataset.columns.{fld}={wanted!r} is not a column of the file; "
+                    f"its columns are: {listing}"
+                )
+            mapping[fld] = wanted
+            continue
+        mapping[fld] = next(
+            (by_lower[a] for a in COLUMN_ALIASES[fld] if a in by_lower and by_lower[a]), None
+        )
+    taken = [c for c in mapping.values() if c is not None]
+    if len(taken) != len(set(taken)):
+        raise QaLabError(
+            f"{source}: one column is mapped to two fields ({mapping}); fix dataset.columns"
+        )
+    for fld in ("question", "answer"):
+        if mapping[fld] is None:
+            raise QaLabError(
+                f"{source}: no {fld} column found; its columns are: {listing}; "
+                f"set dataset.columns.{fld}= to one of them"
+            )
+    return mapping
+
+
+def _check_encoding(encoding: str) -> None:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise QaLabError(
+            f"dataset.encoding={encoding!r} is not a known text encoding (e.g. utf-8, cp1252)"
+        ) from None
+
+
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name == "utf-8"
+
+
+def _decode(path: Path, encoding: str) -> str:
+    """Decode a whole text file, naming the line of the first bad byte."""
+    data = path.read_bytes()
+    if _is_utf8(encoding) and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]  # Excel writes one; it is not part of the header
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise QaLabError(
+            f"{path}:{line}: not valid {encoding} (byte {err.start} of the file); "
+            "set dataset.encoding= to the file's encoding (e.g. dataset.encoding=cp1252)"
+        ) from None
+
+
+def _read_rows(path: Path, fmt: str, encoding: str) -> tuple[list[Row], list[str], list[str]]:
+    """Rows as dicts, a location string per row for messages, and the ordered column names."""
+    if fmt == "jsonl":
+        return _read_jsonl_rows(path, encoding)
+    if fmt == "json":
+        return _read_json_rows(path, encoding)
+    if fmt in ("csv", "tsv"):
+        return _read_csv_rows(path, encoding, "\t" if fmt == "tsv" else ",")
+    if fmt == "parquet":
+        return _read_parquet_rows(path)
+    return _read_hf_rows(path)
+
+
+def _fieldnames(rows: Sequence[Row]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _read_jsonl_rows(path: Path, encoding: str) -> tuple[list[Row], list[str], list[str]]:
+    with open(path, "rb") as fh:
+        has_bom = fh.read(3) == codecs.BOM_UTF8
+    if has_bom and _is_utf8(encoding):
+        encoding = "utf-8-sig"
+    rows = read_jsonl(path, encoding=encoding)
+    # read_jsonl skips blank lines; recover each row's 1-based line for later messages.
+    with open(path, "rb") as fh:
+        lines = [n for n, raw in enumerate(fh, 1) if raw.decode(encoding).strip()]
+    return rows, [f"{path}:{n}" for n in lines], _fieldnames(rows)
+
+
+def _read_json_rows(path: Path, encoding: str) -> tuple[list[Row], list[str], list[str]]:
+    text = _decode(path, encoding)
+    if not text.strip():
+        return [], [], []
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several documents: a .json file holding JSON lines
+            return _read_jsonl_rows(path, encoding)
+        raise QaLabError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        raise QaLabError(f"{path}: expected a JSON array of objects, got {type(doc).__name__}")
+    for n, row in enumerate(doc, 1):
+        if not isinstance(row, dict):
+            raise QaLabError(f"{path}: item {n}: expected a JSON object, got {type(row).__name__}")
+    return doc, [f"{path}: item {n}" for n in range(1, len(doc) + 1)], _fieldnames(doc)
+
+
+def _read_csv_rows(
+    path: Path, encoding: str, delimiter: str
+) -> tuple[list[Row], list[str], list[str]]:
+    text = _decode(path, encoding)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[Row] = []
+    where: list[str] = []
+    header: list[str] | None = None
+    last = 0  # the physical line the previous record ended on
+    try:
+        for cells in reader:
+            start, last = last + 1, reader.line_num
+            if not any(c.strip() for c in cells):
+                continue
+            if header is None:
+                header = [c.strip() for c in cells]
+                dupes = sorted({c for c in header if header.count(c) > 1})
+                if dupes:
+                    raise QaLabError(f"{path}:{start}: duplicate column name(s) {dupes}")
+                continue
+            if len(cells) != len(header):
+                raise QaLabError(
+                    f"{path}:{start}: malformed row ({len(cells)} fields, "
+                    f"the header has {len(header)}); check quoting and dataset.format="
+                )
+            rows.append(dict(zip(header, cells)))
+            where.append(f"{path}:{start}")
+    except csv.Error as err:
+        raise QaLabError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+    return rows, where, header or []
+
+
+def _read_parquet_rows(path: Path) -> tuple[list[Row], list[str], list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise QaLabError(f"{path}: not a readable parquet file ({err})") from None
+    rows = table.to_pylist()
+    return rows, [f"{path}: row {n}" for n in range(1, len(rows) + 1)], list(table.column_names)
+
+
+def _read_hf_rows(path: Path) -> tuple[list[Row], list[str], list[str]]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        loaded = load_from_disk(str(path))
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise QaLabError(
+            f"{path}: not a dataset saved with datasets.save_to_disk ({type(err).__name__}); "
+            "set dataset.format= to the file's format"
+        ) from None
+    parts: list[tuple[str, Dataset]] = (
+        list(loaded.items()) if isinstance(loaded, DatasetDict) else [("", loaded)]
+    )
+    rows: list[Row] = []
+    where: list[str] = []
+    names: list[str] = []
+    for split, part in parts:
+        part_rows = part.to_list()
+        rows.extend(part_rows)
+        label = f"{split} row" if split else "row"
+        where.extend(f"{path}: {label} {n}" for n in range(1, len(part_rows) + 1))
+        names.extend(c for c in part.column_names if c not in names)
+    return rows, where, names
+
+
+def _cell(value: Any) -> Any:
+    """Missing cells (None, NaN, empty CSV cell) become None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _as_text(value: Any, fld: str, loc: str) -> str | None:
+    value = _cell(value)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Number) and not isinstance(value, bool):
+        return str(value)
+    raise QaLabError(f"{loc}: {fld} must be text, got {type(value).__name__}")
+
+
+def _make_item(row: Row, loc: str, n: int, mapping: Mapping[str, str | None]) -> QAItem:
+    values: dict[str, str | None] = {}
+    for fld, column in mapping.items():
+        values[fld] = None if column is None else _as_text(row.get(column), fld, loc)
+    for fld in ("question", "answer"):
+        text = values[fld]
+        if text is None:
+            raise QaLabError(f"{loc}: missing {fld} (column {mapping[fld]!r})")
+        if not text.strip():
+            raise QaLabError(f"{loc}: empty {fld} (column {mapping[fld]!r})")
+    item_id = (values["id"] or "").strip() or f"row-{n:05d}"
+    lineage = {k: _as_text(row.get(k), k, loc) for k in LINEAGE_FIELDS}
+    source = (lineage["source"] or "").strip() or "seed"
+    seed_id = (lineage["seed_id"] or "").strip() or (item_id if source == "seed" else None)
+    return QAItem(
+        id=item_id,
+        question=values["question"],  # type: ignore[arg-type]  # checked above
+        answer=values["answer"],  # type: ignore[arg-type]
+        topic=(values["topic"] or "").strip(),
+        difficulty=(values["difficulty"] or "").strip(),
+        seed_id=seed_id,
+        source=source,
+        generator=(lineage["generator"] or "").strip() or None,
+    )
+
+
+def _check_unique_ids(items: Sequence[QAItem], where: Sequence[str]) -> None:
+    first: dict[str, str] = {}
+    for item, loc in zip(items, where):
+        if item.id in first:
+            raise QaLabError(
+                f"{loc}: duplicate id {item.id!r} (first at {first[item.id]}); ids must be unique"
+            )
+        first[item.id] = loc
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def normalize_question(text: str, mode: str) -> str:
+    """The key two questions must share to count as exact duplicates.
+
+    Args:
+        text: A question.
+        mode: `robust` (NFKC, casefold, collapsed whitespace, no trailing ?.!;:) so that
+            trivial variants collapse; or `strip_lower`, exactly `text.strip().lower()`, the
+            original study's key, kept for reproducing its 2070 -> 2019 step.
+
+    Returns:
+        The normalised question.
+    """
+    require_choice("dataset.normalize", mode, NORMALIZE_MODES)
+    if mode == "strip_lower":
+        return text.strip().lower()
+    folded = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return folded.rstrip(TRAILING_PUNCTUATION + " ")
+
+
+def exact_dedup(
+    items: Sequence[QAItem], mode: str
+) -> tuple[list[QAItem], list[tuple[QAItem, QAItem]]]:
+    """Drop repeated questions, keeping the first occurrence in file order.
+
+    Keep-first makes the result depend only on file order, like the original study.
+
+    Args:
+        items: Items in file order.
+        mode: Normalisation mode for the comparison key (see `normalize_question`).
+
+    Returns:
+        The kept items, and (removed item, the kept item it repeats) pairs.
+    """
+    first: dict[str, QAItem] = {}
+    kept: list[QAItem] = []
+    removed: list[tuple[QAItem, QAItem]] = []
+    for item in items:
+        key = normalize_question(item.question, mode)
+        if key in first:
+            removed.append((item, first[key]))
+        else:
+            first[key] = item
+            kept.append(item)
+    return kept, removed
+
+
+# --------------------------------------------------------------------------- semantic dedup
+#
+# Every keep/drop decision uses one similarity: the float64 sum of the exact float64
+# products of two float32 rows, computed by `_dot64` in both the naive reference and the
+# blockwise version, so the two agree bit for bit. The blockwise version only uses fast
+# float32 matrix products to find *candidate* pairs, with a safety margin far above float32
+# rounding, so it never misses a pair the exact similarity would flag.
+#
+# Candidates come from a Cauchy-Schwarz bound with a quarter of the full product's work:
+# rotate into principal axes, keep the first k coordinates z_P, and append the norm of the
+# rest r. Then x.y = zx_P.zy_P + zx_R.zy_R <= zx_P.zy_P + rx*ry = [zx_P, rx].[zy_P, ry],
+# one matrix product over k+1 dims. Where the bound is loose (too many candidates in a tile)
+# the full float32 product of the affected rows is computed instead.
+
+_ROW_BLOCK = 1024  # rows resolved together (greedy within the block)
+_COL_CHUNK = 8192  # kept rows per matrix product (bounds memory to ~32 MB per tile)
+_REFINE_CHUNK = 16384  # candidate pairs per exact float64 batch
+_MARGIN = 1e-3  # candidate slack, >> float32 rounding of a 384-d unit dot product (~1e-5)
+_LOOSE = 8  # candidates per row above which a tile falls back to the full float32 product
+
+
+def _as_matrix(vectors: np.ndarray) -> np.ndarray:
+    matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a 2-D array of row vectors, got shape {matrix.shape}")
+    return matrix
+
+
+def _dot64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot products of float32 rows in float64: the similarity every decision uses.
+
+    The products of float32 values are exact in float64 and each row is summed by the same
+    numpy reduction whatever the batch, so the naive and blockwise paths get identical bits.
+    """
+    return (a.astype(np.float64) * b.astype(np.float64)).sum(axis=1)
+
+
+def _single_blas_thread() -> Any:
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _bound_vectors(x: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Rows [z_P, |z_R|] whose dot products bound the true ones from above (see above)."""
+    n, d = x.shape
+    k = d // 4 if k is None else k
+    if d <= 32 or k >= d:
+        return x
+    # Principal axes of an evenly spaced sample: any orthonormal basis keeps the bound valid,
+    # the sample only has to make it tight.
+    sample = x[:: max(1, n // _COL_CHUNK)][:_COL_CHUNK].astype(np.float64)
+    gram = sample.T @ sample
+    with _single_blas_thread():  # multi-threaded LAPACK on a 384x384 matrix is pure overhead
+        _, eigvecs = np.linalg.eigh(gram)
+    top = np.ascontiguousarray(eigvecs[:, ::-1][:, :k])  # largest second moment first
+    out = np.empty((n, k + 1), dtype=np.float32)
+    for start in range(0, n, _COL_CHUNK):
+        chunk = x[start : start + _COL_CHUNK].astype(np.float64)
+        z = chunk @ top
+        rest = np.einsum("ij,ij->i", chunk, chunk) - np.einsum("ij,ij->i", z, z)
+        out[start : start + len(z), :k] = z
+        out[start : start + len(z), k] = np.sqrt(np.maximum(rest, 0.0))
+    return out
+
+
+_LOWER_MASKS: dict[int, np.ndarray] = {}
+
+
+def _not_lower(m: int) -> np.ndarray:
+    """Boolean mask of the diagonal and upper triangle (pairs that are not j < i)."""
+    if m not in _LOWER_MASKS:
+        _LOWER_MASKS.clear()
+        _LOWER_MASKS[m] = ~np.tri(m, m, -1, dtype=bool)
+    return _LOWER_MASKS[m]
+
+
+def _candidates(
+    x: np.ndarray,
+    bound_rows: np.ndarray,
+    bound_cols: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    floor: float,
+    *,
+    lower: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global (i, j) pairs of one tile whose similarity may exceed `floor + margin`."""
+    sims = bound_rows @ bound_cols.T
+    if lower:
+        sims[_not_lower(len(rows))] = -np.inf
+    # A row maximum first: one cheap pass, then `nonzero` only over rows with candidates.
+    hit_rows = np.flatnonzero(sims.max(axis=1) > floor) if sims.size else np.zeros(0, int)
+    r2, cj = np.nonzero(sims[hit_rows] > floor)
+    if bound_cols.shape[1] < x.shape[1] and r2.size > _LOOSE * len(rows):
+        # The bound is loose here: the full float32 product of the rows involved is cheaper
+        # than refining every candidate in float64.
+        sims = x[rows[hit_rows]] @ x[cols].T
+        if lower:
+            sims[rows[hit_rows][:, None] <= cols[None, :]] = -np.inf
+        r2, cj = np.nonzero(sims > floor)
+    return rows[hit_rows[r2]], cols[cj]
+
+
+def _refine(x: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+    """Exact (float64) similarities of candidate pairs, in bounded-memory batches."""
+    out = np.empty(len(ii), dtype=np.float64)
+    for start in range(0, len(ii), _REFINE_CHUNK):
+        stop = start + _REFINE_CHUNK
+        out[start:stop] = _dot64(x[ii[start:stop]], x[jj[start:stop]])
+    return out
+
+
+def _margin(x: np.ndarray) -> float:
+    norms = np.einsum("ij,ij->i", x, x) if len(x) else np.zeros(1)
+    return _MARGIN * max(1.0, float(norms.max()))
+
+
+def _check_threshold(threshold: float, key: str) -> float:
+    if not -1.0 <= float(threshold) <= 1.0:
+        raise QaLabError(f"{key}={threshold} must be a cosine similarity in [-1, 1]")
+    return float(threshold)
+
+
+def semantic_dedup(
+    vectors: np.ndarray, threshold: float
+) -> tuple[list[int], list[tuple[int, int, float]]]:
+    """Greedy keep-first paraphrase removal: exactly `naive_semantic_dedup`, blockwise.
+
+    Row i is dropped iff some earlier *kept* row has cosine strictly above `threshold`. Rows
+    are resolved in blocks of 1024: candidates against the kept rows of earlier blocks and
+    against earlier rows of the same block come from cheap bounded matrix products, are
+    checked with the exact similarity, and the block is then resolved in file order.
+
+    Args:
+        vectors: (n, d) unit-normalised embeddings in file order (cosine = dot product).
+        threshold: Cosine above which a row counts as a paraphrase of a kept row.
+
+    Returns:
+        Kept row indices (ascending), and for each removed row (removed index, index of the
+        most similar earlier kept row (lowest index on ties), that similarity).
+    """
+    threshold = _check_threshold(threshold, "dataset.semantic_dedup.threshold")
+    x = _as_matrix(vectors)
+    n = len(x)
+    if n == 0:
+        return [], []
+    bound = _bound_vectors(x)
+    floor = threshold - _margin(x)
+    kept_bound = np.empty_like(bound)
+    kept_idx = np.empty(n, dtype=np.int64)
+    n_kept = 0
+    removed: list[tuple[int, int, float]] = []
+    for start in range(0, n, _ROW_BLOCK):
+        stop = min(n, start + _ROW_BLOCK)
+        rows = np.arange(start, stop)
+        block = bound[start:stop]
+        pairs = []
+        for c in range(0, n_kept, _COL_CHUNK):
+            hi = min(n_kept, c + _COL_CHUNK)
+            pairs.append(
+                _candidates(x, block, kept_bound[c:hi], rows, kept_idx[c:hi], floor, lower=False)
+            )
+        pairs.append(_candidates(x, block, block, rows, rows, floor, lower=True))
+        ii = np.concatenate([p[0] for p in pairs])
+        jj = np.concatenate([p[1] for p in pairs])
+        sims = _refine(x, ii, jj)
+        hit = sims > threshold
+        ii, jj, sims = ii[hit], jj[hit], sims[hit]
+        dropped = np.zeros(stop - start, dtype=bool)
+        if len(ii):
+            order = np.lexsort((jj, -sims, ii))  # by row, then most similar, then lowest j
+            ii, jj, sims = ii[order], jj[order], sims[order]
+            (firsts,) = np.nonzero(np.r_[True, ii[1:] != ii[:-1]])
+            for lo, hi in zip(firsts, np.r_[firsts[1:], len(ii)]):
+                js = jj[lo:hi]
+                alive = (js < start) | ~dropped[np.maximum(js - start, 0)]
+                if alive.any():
+                    best = lo + int(np.argmax(alive))
+                    dropped[ii[lo] - start] = True
+                    removed.append((int(ii[lo]), int(jj[best]), float(sims[best])))
+        keep_rows = rows[~dropped]
+        kept_bound[n_kept : n_kept + len(keep_rows)] = bound[keep_rows]
+        kept_idx[n_kept : n_kept + len(keep_rows)] = keep_rows
+        n_kept += len(keep_rows)
+    return kept_idx[:n_kept].tolist(), removed
+
+
+def naive_semantic_dedup(
+    vectors: np.ndarray, threshold: float
+) -> tuple[list[int], list[tuple[int, int, float]]]:
+    """Reference greedy loop (the original study's procedure), for tests and benchmarks.
+
+    For each row in file order, compare with every kept row; drop it if the best similarity
+    is strictly above `threshold`. O(n^2) with a Python loop: fine for a few thousand rows.
+
+    Args:
+        vectors: (n, d) unit-normalised embeddings in file order.
+        threshold: Cosine above which a row counts as a paraphrase of a kept row.
+
+    Returns:
+        Same as `semantic_dedup`.
+    """
+    threshold = _check_threshold(threshold, "dataset.semantic_dedup.threshold")
+    x = _as_matrix(vectors)
+    kept_rows = np.empty_like(x)
+    kept: list[int] = []
+    removed: list[tuple[int, int, float]] = []
+    for i in range(len(x)):
+        if kept:
+            sims = _dot64(kept_rows[: len(kept)], x[i : i + 1])
+            best = int(np.argmax(sims))
+            if sims[best] > threshold:
+                removed.append((i, kept[best], float(sims[best])))
+                continue
+        kept_rows[len(kept)] = x[i]
+        kept.append(i)
+    return kept, removed
+
+
+def similar_pairs(vectors: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """All pairs (i, j), j < i, with cosine >= `threshold` (inclusive), exact in float64.
+
+    Args:
+        vectors: (n, d) unit-normalised embeddings.
+        threshold: Minimum cosine of a reported pair.
+
+    Returns:
+        (i, j, similarity) triples sorted by i then j.
+    """
+    threshold = _check_threshold(threshold, "threshold")
+    x = _as_matrix(vectors)
+    n = len(x)
+    if n == 0:
+        return []
+    bound = _bound_vectors(x)
+    floor = threshold - _margin(x)
+    found_i: list[np.ndarray] = []
+    found_j: list[np.ndarray] = []
+    found_s: list[np.ndarray] = []
+    for start in range(0, n, _ROW_BLOCK):
+        stop = min(n, start + _ROW_BLOCK)
+        rows = np.arange(start, stop)
+        block = bound[start:stop]
+        pairs = []
+        for c in range(0, start, _COL_CHUNK):
+            hi = min(start, c + _COL_CHUNK)
+            cols = np.arange(c, hi)
+            pairs.append(_candidates(x, block, bound[c:hi], rows, cols, floor, lower=False))
+        pairs.append(_candidates(x, block, block, rows, rows, floor, lower=True))
+        ii = np.concatenate([p[0] for p in pairs])
+        jj = np.concatenate([p[1] for p in pairs])
+        sims = _refine(x, ii, jj)
+        hit = sims >= threshold
+        found_i.append(ii[hit])
+        found_j.append(jj[hit])
+        found_s.append(sims[hit])
+    ii, jj, ss = (np.concatenate(a) for a in (found_i, found_j, found_s))
+    order = np.lexsort((jj, ii))
+    return [(int(ii[k]), int(jj[k]), float(ss[k])) for k in order]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def lineage_groups(
+    items: Sequence[QAItem], vectors: np.ndarray | None, threshold: float = 0.8
+) -> list[str]:
+    """Label each item with its lineage group, so a split never separates relatives.
+
+    Items are linked when they share a `seed_id` (a seed and its paraphrases), when one's
+    `seed_id` is another's id, or when their questions have cosine >= `threshold`; groups
+    are the connected components. Near-duplicates across train and test would otherwise
+    make test scores measure memorisation.
+
+    Args:
+        items: Items in file order.
+        vectors: (n, d) unit-normalised question embeddings, or None to link by seed only.
+        threshold: Cosine at which two questions belong together.
+
+    Returns:
+        Per item, the id of the first item (in file order) of its group.
+    """
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)  # the root is always the earliest member
+
+    by_id = {item.id: i for i, item in enumerate(items)}
+    by_seed: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if item.seed_id is None:
+            continue
+        union(i, by_seed.setdefault(item.seed_id, i))
+        if item.seed_id in by_id:
+            union(i, by_id[item.seed_id])
+    if vectors is not None and len(items):
+        if len(vectors) != len(items):
+            raise ValueError(f"{len(vectors)} vectors for {len(items)} items")
+        for i, j, _ in similar_pairs(
+            vectors, _check_threshold(threshold, "dataset.split.group_threshold")
+        ):
+            union(i, j)
+    return [items[find(i)].id for i in range(len(items))]
+
+
+def split_items(
+    items: Sequence[QAItem],
+    strategy: str,
+    *,
+    train: float = 0.7,
+    val: float = 0.15,
+    seed: int = 42,
+    groups: Sequence[str] | None = None,
+    stratify: str | None = None,
+) -> dict[str, list[QAItem]]:
+    """Split items into train/val/test (test gets the rest).
+
+    Args:
+        items: Items in file order.
+        strategy: `random`, exactly the original study's shuffle-and-cut (for reproducing
+            its splits), or `group`, which keeps each lineage group in one split.
+        train: Fraction for training.
+        val: Fraction for validation.
+        seed: Seed of the shuffle; the same seed gives the same split.
+        groups: Group label per item (see `lineage_groups`); for `group` without it, items
+            are grouped by `seed_id` (or their own id).
+        stratify: `topic` to balance each topic across splits (group strategy), or None.
+
+    Returns:
+        {"train": [...], "val": [...], "test": [...]}.
+    """
+    require_choice("dataset.split.strategy", strategy, SPLIT_STRATEGIES)
+    if not (0.0 <= train <= 1.0 and 0.0 <= val <= 1.0 and train + val <= 1.0 + 1e-9):
+        raise QaLabError(
+            f"dataset.split.train={train} and dataset.split.val={val} must be fractions "
+            "with train + val <= 1"
+        )
+    if strategy == "random":
+        return _random_split(items, train, val, seed)
+    if stratify is not None:
+        require_choice("dataset.split.stratify", stratify, ("topic",))
+    if groups is None:
+        groups = [item.seed_id or item.id for item in items]
+    if len(groups) != len(items):
+        raise ValueError(f"{len(groups)} group labels for {len(items)} items")
+    return _group_split(items, groups, (train, val, 1.0 - train - val), seed, stratify)
+
+
+def _random_split(
+    items: Sequence[QAItem], train: float, val: float, seed: int
+) -> dict[str, list[QAItem]]:
+    # The original: random.seed(seed); random.shuffle(rows). A private Random(seed) yields
+    # the same permutation without touching the global generator.
+    rows = list(items)
+    random.Random(seed).shuffle(rows)
+    n = len(rows)
+    n_train = int(train * n)
+    n_val = int(val * n)
+    return {
+        "train": rows[:n_train],
+        "val": rows[n_train : n_train + n_val],
+        "test": rows[n_train + n_val :],
+    }
+
+
+def _group_split(
+    items: Sequence[QAItem],
+    groups: Sequence[str],
+    ratios: tuple[float, float, float],
+    seed: int,
+    stratify: str | None,
+) -> dict[str, list[QAItem]]:
+    """Whole groups to splits, keeping every prefix of the group order near the ratios.
+
+    Groups are shuffled with the seed (and, when stratifying, ordered by majority topic);
+    each goes to the split furthest below its share of the items seen so far. Each split
+    then ends within one group's size of its target, and so does each topic's share.
+    """
+    members: dict[str, list[int]] = {}
+    for i, label in enumerate(groups):
+        members.setdefault(label, []).append(i)
+    order = list(members)
+    random.Random(seed).shuffle(order)
+    if stratify == "topic":
+        order.sort(key=lambda g: _majority_topic(items, members[g]))  # stable: keeps shuffle
+    counts = [0, 0, 0]
+    seen = 0
+    split_of: dict[str, int] = {}
+    for label in order:
+        seen += len(members[label])
+        need = [ratio * seen - count for ratio, count in zip(ratios, counts)]
+        best = max(range(3), key=lambda s: need[s])  # ties: train, then val, then test
+        split_of[label] = best
+        counts[best] += len(members[label])
+    out: dict[str, list[QAItem]] = {name: [] for name in SPLIT_NAMES}
+    for item, label in zip(items, groups):  # file order within each split
+        out[SPLIT_NAMES[split_of[label]]].append(item)
+    return out
+
+
+def _majority_topic(items: Sequence[QAItem], members: Sequence[int]) -> str:
+    counts = Counter(items[i].topic for i in members)
+    return min(counts, key=lambda t: (-counts[t], t))
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def leakage_audit(
+    train: Sequence[QAItem],
+    test: Sequence[QAItem],
+    train_vecs: np.ndarray,
+    test_vecs: np.ndarray,
+    *,
+    thresholds: tuple[float, ...] = (0.8, 0.9),
+) -> dict[str, Any]:
+    """Measure how much of the test set is (nearly) in the training set.
+
+    A test question whose nearest training question is a paraphrase rewards memorisation,
+    so these numbers go next to every score computed on the split.
+
+    Args:
+        train: Training items.
+        test: Test items.
+        train_vecs: Unit-normalised question embeddings of `train`, row for row.
+        test_vecs: Unit-normalised question embeddings of `test`, row for row.
+        thresholds: Cosines at which a test question counts as near a training one.
+
+    Returns:
+        JSON-ready dict: `n_train`, `n_test`; per threshold t (as `near_dup_<100t>`) the
+        count and `_rate` of test questions whose nearest training question has cosine >=
+        t; `verbatim_answers` (+ `_rate`): test answers equal, after strip, to a training
+        answer; `pairs`: one row per test question at or above the lowest threshold, as
+        {test_id, train_id, similarity}, most similar first.
+    """
+    test_x, train_x = _as_matrix(test_vecs), _as_matrix(train_vecs)
+    if len(test_x) != len(test) or len(train_x) != len(train):
+        raise ValueError("vectors must match the items row for row")
+    n_test = len(test)
+    nearest = np.full(n_test, -1, dtype=np.int64)
+    best = np.full(n_test, -np.inf)
+    if len(train) and n_test:
+        for start in range(0, n_test, _ROW_BLOCK):
+            sims = test_x[start : start + _ROW_BLOCK] @ train_x.T
+            nearest[start : start + len(sims)] = sims.argmax(axis=1)
+            best[start : start + len(sims)] = sims.max(axis=1)
+    report: dict[str, Any] = {"n_train": len(train), "n_test": n_test}
+    for t in thresholds:
+        count = int((best >= t).sum())
+        name = f"near_dup_{round(t * 100)}"
+        report[name] = count
+        report[f"{name}_rate"] = count / n_test if n_test else 0.0
+    train_answers = {item.answer.strip() for item in train}
+    verbatim = sum(item.answer.strip() in train_answers for item in test)
+    report["verbatim_answers"] = verbatim
+    report["verbatim_answer_rate"] = verbatim / n_test if n_test else 0.0
+    low = min(thresholds) if thresholds else math.inf
+    flagged = [i for i in np.argsort(-best, kind="stable") if best[i] >= low]
+    report["pairs"] = [
+        {
+            "test_id": test[i].id,
+            "train_id": train[nearest[i]].id,
+            "similarity": round(float(best[i]), 6),
+        }
+        for i in flagged
+    ]
+    return report

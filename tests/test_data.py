@@ -1,0 +1,463 @@
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qa_lab import data
+from qa_lab.errors import QaLabError
+from qa_lab.records import QAItem
+
+EMBEDDER = "all-MiniLM-L6-v2"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "rag-technical-qa"
+
+
+def embed(texts):
+    from qa_lab.retrieval import embed as real_embed
+
+    return real_embed(texts, EMBEDDER)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def item(i, question=None, topic="", seed_id=None, answer=None):
+    return QAItem(
+        id=f"q{i}",
+        question=question or f"question {i}",
+        answer=answer or f"answer {i}",
+        topic=topic,
+        seed_id=seed_id,
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_jsonl_defaults_ids_lineage_and_mapping(tmp_path):
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"question": "What is TCP?", "answer": "A protocol.", "topic": "net"},
+            {
+                "question": "Define TCP.",
+                "answer": "A protocol.",
+                "source": "paraphrase",
+                "seed_id": "row-00001",
+                "generator": "smol",
+            },
+        ],
+    )
+    items, mapping = data.load_items(path)
+    assert mapping == {
+        "id": None,
+        "question": "question",
+        "answer": "answer",
+        "topic": "topic",
+        "difficulty": None,
+    }
+    assert [it.id for it in items] == ["row-00001", "row-00002"]
+    assert items[0].seed_id == "row-00001" and items[0].source == "seed"
+    assert items[0].topic == "net"
+    assert (items[1].source, items[1].seed_id, items[1].generator) == (
+        "paraphrase",
+        "row-00001",
+        "smol",
+    )
+
+
+def test_column_auto_mapping_query_response(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"Query": "What is DNS?", "response": "Names."}])
+    items, mapping = data.load_items(path)
+    assert mapping["question"] == "Query" and mapping["answer"] == "response"
+    assert (items[0].question, items[0].answer) == ("What is DNS?", "Names.")
+
+
+def test_explicit_columns(tmp_path):
+    rows = [{"uid": "a", "q": "x?", "ans": "y", "cat": "t", "reference": "other"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    items, mapping = data.load_items(path, columns={"id": "uid", "answer": "ans", "topic": "cat"})
+    assert mapping == {
+        "id": "uid",
+        "question": "q",
+        "answer": "ans",
+        "topic": "cat",
+        "difficulty": None,
+    }
+    assert items[0] == QAItem("a", "x?", "y", topic="t", seed_id="a")
+
+
+def test_unknown_mapped_column_lists_columns(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "x?", "answer": "y"}])
+    with pytest.raises(QaLabError, match=r"dataset.columns.question='prompt'.*question, answer"):
+        data.load_items(path, columns={"question": "prompt"})
+    with pytest.raises(QaLabError, match=r"no answer column found; its columns are: q"):
+        data.resolve_columns(["q"], source=path)
+
+
+def test_malformed_jsonl_names_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a?", "answer": "b"}\n\n{"question": "c?", "answer"\n')
+    with pytest.raises(QaLabError, match=r"d\.jsonl:3: malformed JSON"):
+        data.load_items(path)
+
+
+def test_invalid_utf8_names_encoding_option(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        b'{"question": "ok?", "answer": "b"}\n{"question": "caf\xe9?", "answer": "b"}\n'
+    )
+    with pytest.raises(QaLabError, match=r"d\.jsonl:2: .*dataset\.encoding="):
+        data.load_items(path)
+    items, _ = data.load_items(path, encoding="latin-1")
+    assert items[1].question == "café?"
+
+
+def test_missing_and_empty_fields_name_line(tmp_path):
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"question": "a?", "answer": "b"}, {"question": "c?"}]
+    )
+    with pytest.raises(QaLabError, match=r"d\.jsonl:2: missing answer"):
+        data.load_items(path)
+    path = write_jsonl(tmp_path / "e.jsonl", [{"question": "a?", "answer": "b"}] * 2)
+    path.write_text(path.read_text() + json.dumps({"question": "  ", "answer": "b"}) + "\n")
+    with pytest.raises(QaLabError, match=r"e\.jsonl:3: empty question"):
+        data.load_items(path)
+
+
+def test_duplicate_ids(tmp_path):
+    rows = [
+        {"id": "x", "question": "a?", "answer": "b"},
+        {"id": "x", "question": "c?", "answer": "d"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(QaLabError, match=r"d\.jsonl:2: duplicate id 'x' \(first at .*d\.jsonl:1\)"):
+        data.load_items(path)
+
+
+@pytest.mark.parametrize("name,text", [("d.jsonl", "\n\n"), ("d.csv", "question,answer\n")])
+def test_empty_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(QaLabError, match=r"no data rows \(empty file\)"):
+        data.load_items(path)
+
+
+def test_csv_cp1252_with_encoding(tmp_path):
+    path = tmp_path / "d.csv"
+    text = 'question,answer,category\n"What’s a “closure”?","A function, with state – née",js\n'
+    path.write_bytes(text.encode("cp1252"))
+    with pytest.raises(QaLabError, match=r"d\.csv:2: not valid utf-8.*dataset\.encoding="):
+        data.load_items(path)
+    items, mapping = data.load_items(path, encoding="cp1252")
+    assert items[0].question == "What’s a “closure”?"
+    assert items[0].answer == "A function, with state – née"
+    assert items[0].topic == "js" and mapping["topic"] == "category"
+
+
+def test_csv_row_line_numbers_and_malformed_row(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('question,answer\n"multi\nline?",yes\n\n"q2?",\n')
+    with pytest.raises(QaLabError, match=r"d\.csv:5: empty answer"):
+        data.load_items(path)
+    path.write_text('question,answer\n"multi\nline?",\n')
+    with pytest.raises(QaLabError, match=r"d\.csv:2: empty answer"):  # where the row starts
+        data.load_items(path)
+    path.write_text("question,answer\na?,b,c\n")
+    with pytest.raises(QaLabError, match=r"d\.csv:2: malformed row"):
+        data.load_items(path)
+
+
+def test_tsv_json_parquet_and_hf_formats(tmp_path):
+    rows = [
+        {"id": "1", "prompt": "a?", "completion": "b"},
+        {"id": "2", "prompt": "c?", "completion": "d"},
+    ]
+    expected = [QAItem("1", "a?", "b", seed_id="1"), QAItem("2", "c?", "d", seed_id="2")]
+    (tmp_path / "d.tsv").write_text("id\tprompt\tcompletion\n1\ta?\tb\n2\tc?\td\n")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import pandas as pd
+    from datasets import Dataset
+
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    for name in ("d.tsv", "d.json", "lines.json", "d.parquet", "hf"):
+        assert data.load_items(tmp_path / name)[0] == expected, name
+
+
+def test_bad_format_and_encoding_options(tmp_path):
+    path = write_jsonl(tmp_path / "d.txt", [{"question": "a?", "answer": "b"}])
+    with pytest.raises(QaLabError, match=r"dataset\.format="):
+        data.load_items(path)
+    assert data.load_items(path, fmt="jsonl")[0][0].question == "a?"
+    with pytest.raises(QaLabError, match=r"dataset\.encoding='nope'"):
+        data.load_items(path, fmt="jsonl", encoding="nope")
+    with pytest.raises(QaLabError, match=r"file not found"):
+        data.load_items(tmp_path / "missing.jsonl")
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize(
+    "text,robust,strip_lower",
+    [
+        ("  What is TCP?  ", "what is tcp", "what is tcp?"),
+        ("What  is\tTCP ?!", "what is tcp", "what  is\ttcp ?!"),
+        ("ＷＨＡＴ is ﬁle I/O？", "what is file i/o", "ｗｈａｔ is ﬁle i/o？"),
+        ("Straße: define it.", "strasse: define it", "straße: define it."),
+        ("e.g. what is x", "e.g. what is x", "e.g. what is x"),
+    ],
+)
+def test_normalize_question(text, robust, strip_lower):
+    assert data.normalize_question(text, "robust") == robust
+    assert data.normalize_question(text, "strip_lower") == strip_lower == text.strip().lower()
+
+
+def test_normalize_unknown_mode():
+    with pytest.raises(QaLabError, match=r"dataset\.normalize='fuzzy'"):
+        data.normalize_question("x", "fuzzy")
+
+
+def test_exact_dedup_keeps_first():
+    items = [
+        item(1, "What is TCP?"),
+        item(2, "what is tcp"),
+        item(3, "What is UDP?"),
+        item(4, " WHAT IS TCP? "),
+    ]
+    kept, removed = data.exact_dedup(items, "robust")
+    assert [it.id for it in kept] == ["q1", "q3"]
+    assert [(r.id, k.id) for r, k in removed] == [("q2", "q1"), ("q4", "q1")]
+    kept, removed = data.exact_dedup(items, "strip_lower")
+    assert [it.id for it in kept] == ["q1", "q2", "q3"]
+    assert [(r.id, k.id) for r, k in removed] == [("q4", "q1")]
+
+
+# --------------------------------------------------------------------------- semantic dedup
+
+
+def planted(n_base, n_copies, d=384, seed=0, cluster=0):
+    """Random unit vectors plus noisy copies whose cosine to their source spans ~0.8-1.0."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n_base, d))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    src = rng.integers(0, n_base, n_copies)
+    noise = rng.standard_normal((n_copies, d))
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    copies = base[src] + rng.uniform(0.0, 0.75, (n_copies, 1)) * noise
+    parts = [base, copies]
+    if cluster:  # many near-identical rows: exercises the loose-bound fallback
+        parts.append(base[:1] + 0.05 * rng.standard_normal((cluster, d)) / np.sqrt(d))
+    x = np.concatenate(parts)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x[rng.permutation(len(x))], dtype=np.float32)
+
+
+def test_semantic_dedup_equals_naive_with_planted_duplicates():
+    x = planted(2000, 900, cluster=300)
+    fast = data.semantic_dedup(x, 0.9)
+    naive = data.naive_semantic_dedup(x, 0.9)
+    assert fast == naive
+    kept, removed = fast
+    sims = np.array([s for _, _, s in removed])
+    assert 700 < len(removed) < 1200  # real work done, on both sides of the threshold
+    assert (sims > 0.9).all() and (sims < 0.92).any()
+    assert all(j < i and j in set(kept) for i, j, _ in removed)
+
+
+@pytest.mark.parametrize("loose", [8, 0])
+def test_semantic_dedup_equals_naive_small_tiles(monkeypatch, loose):
+    # Small tiles: many row blocks and kept-row chunks; loose=0 forces the full-product
+    # fallback on every tile with a candidate.
+    monkeypatch.setattr(data, "_ROW_BLOCK", 128)
+    monkeypatch.setattr(data, "_COL_CHUNK", 256)
+    monkeypatch.setattr(data, "_REFINE_CHUNK", 100)
+    monkeypatch.setattr(data, "_LOOSE", loose)
+    x = planted(700, 400, seed=2, cluster=60)
+    assert data.semantic_dedup(x, 0.9) == data.naive_semantic_dedup(x, 0.9)
+    pairs = data.similar_pairs(x, 0.8)
+    sims = x.astype(np.float64) @ x.astype(np.float64).T
+    i, j = np.nonzero(np.tril(sims >= 0.8, -1))
+    assert [(a, b) for a, b, _ in pairs] == sorted(zip(i.tolist(), j.tolist()))
+
+
+def test_semantic_dedup_tie_at_threshold_is_not_a_duplicate():
+    x = planted(300, 200, seed=1)
+    _, removed = data.naive_semantic_dedup(x, 0.9)
+    tie_pair = removed[len(removed) // 2]
+    tie = tie_pair[2]  # exactly one pair's similarity, as a threshold
+    fast = data.semantic_dedup(x, tie)
+    assert fast == data.naive_semantic_dedup(x, tie)
+    assert all(s > tie for _, _, s in fast[1])
+    assert tie_pair[0] not in {i for i, _, _ in fast[1]}  # strict: equal is not above
+
+
+def test_semantic_dedup_small_dimension_and_exact_copies():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    x = np.concatenate([x, x[:50]])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert data.semantic_dedup(x, 0.95) == data.naive_semantic_dedup(x, 0.95)
+    assert data.semantic_dedup(x[:0], 0.9) == ([], [])
+
+
+def test_semantic_dedup_on_real_embeddings():
+    questions = [
+        "What is a closure in JavaScript?",
+        "How does garbage collection work in Java?",
+        "What is a JavaScript closure?",
+        "Explain closures in JavaScript.",
+        "Explain garbage collection in Java.",
+        "What is the CAP theorem?",
+    ]
+    kept, removed = data.semantic_dedup(embed(questions), 0.9)
+    assert kept == [0, 1, 5]
+    assert [(i, j) for i, j, _ in removed] == [(2, 0), (3, 0), (4, 1)]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_random_split_is_the_original_procedure():
+    items = [item(i) for i in range(101)]
+    rows = list(items)
+    random.seed(7)
+    random.shuffle(rows)
+    n_train, n_val = int(0.7 * 101), int(0.15 * 101)
+    expected = {
+        "train": rows[:n_train],
+        "val": rows[n_train : n_train + n_val],
+        "test": rows[n_train + n_val :],
+    }
+    assert data.split_items(items, "random", seed=7) == expected
+    assert [len(v) for v in expected.values()] == [70, 15, 16]
+
+
+@pytest.mark.parametrize("strategy", ["random", "group"])
+def test_split_determinism(strategy):
+    items = [item(i, topic=f"t{i % 3}") for i in range(200)]
+    groups = [f"g{i // 3}" for i in range(200)]
+    a = data.split_items(items, strategy, seed=1, groups=groups, stratify=None)
+    assert a == data.split_items(items, strategy, seed=1, groups=groups)
+    assert a != data.split_items(items, strategy, seed=2, groups=groups)
+    assert sorted(it.id for part in a.values() for it in part) == sorted(it.id for it in items)
+
+
+@pytest.mark.parametrize("stratify", [None, "topic"])
+def test_group_split_integrity_and_ratios(stratify):
+    rng = random.Random(0)
+    groups = [f"g{g}" for g in range(400) for _ in range(rng.randint(1, 5))]
+    items = [item(i, topic=f"t{int(g[1:]) % 4}") for i, g in enumerate(groups)]
+    parts = data.split_items(items, "group", seed=3, groups=groups, stratify=stratify)
+    split_of = {it.id: name for name, part in parts.items() for it in part}
+    by_group = {}
+    for it, g in zip(items, groups):
+        by_group.setdefault(g, set()).add(split_of[it.id])
+    assert all(len(s) == 1 for s in by_group.values())
+    n = len(items)
+    for name, ratio in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+        assert abs(len(parts[name]) - ratio * n) <= 5
+    if stratify:
+        for topic in ("t0", "t1", "t2", "t3"):
+            total = sum(it.topic == topic for it in items)
+            in_test = sum(it.topic == topic for it in parts["test"])
+            assert abs(in_test - 0.15 * total) <= 6
+
+
+def test_split_errors():
+    items = [item(i) for i in range(10)]
+    with pytest.raises(QaLabError, match=r"dataset\.split\.strategy='stratified'"):
+        data.split_items(items, "stratified")
+    with pytest.raises(QaLabError, match=r"dataset\.split\.train=0\.9"):
+        data.split_items(items, "random", train=0.9, val=0.2)
+    with pytest.raises(QaLabError, match=r"dataset\.split\.stratify='answer'"):
+        data.split_items(items, "group", stratify="answer")
+
+
+def test_lineage_groups_and_group_split_with_real_embeddings():
+    questions = [
+        "What is a closure in JavaScript?",
+        "How does garbage collection work in Java?",
+        "What is the difference between TCP and UDP?",
+        "Explain closures in JavaScript.",
+        "What is polymorphism in object-oriented programming?",
+        "Explain polymorphism in OOP.",  # 0.79 to the previous one: below 0.8
+        "How do TCP and UDP differ?",
+        "What is a deadlock?",
+        "Deadlocks: give an example.",
+        "What is the CAP theorem?",
+        "What is a B-tree?",
+        "How are B-tree nodes split?",
+    ]
+    items = [item(i, q, seed_id=f"q{i}") for i, q in enumerate(questions)]
+    items[8] = QAItem("q8", questions[8], "a", seed_id="q7", source="paraphrase")
+    # Two paraphrases of a seed that dedup removed still belong together.
+    items[10] = QAItem("q10", questions[10], "a", seed_id="gone", source="paraphrase")
+    items[11] = QAItem("q11", questions[11], "a", seed_id="gone", source="paraphrase")
+    groups = data.lineage_groups(items, embed(questions), 0.8)
+    assert groups == ["q0", "q1", "q2", "q0", "q4", "q5", "q2", "q7", "q7", "q9", "q10", "q10"]
+    assert data.lineage_groups(items, None)[3] == "q3"
+    for seed in range(5):
+        parts = data.split_items(items, "group", train=0.5, val=0.25, seed=seed, groups=groups)
+        where = {it.id: name for name, part in parts.items() for it in part}
+        for a, b in (("q0", "q3"), ("q2", "q6"), ("q7", "q8"), ("q10", "q11")):
+            assert where[a] == where[b]
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def test_leakage_audit():
+    train = [
+        item(0, "What is a closure in JavaScript?", answer="A function with its scope."),
+        item(1, "How does garbage collection work in Java?", answer="Tracing."),
+    ]
+    test = [
+        item(2, "Explain closures in JavaScript.", answer="  A function with its scope. "),
+        item(3, "Explain garbage collection in Java.", answer="Marks and sweeps."),
+        item(4, "What is the CAP theorem?", answer="Consistency, availability, partitions."),
+    ]
+    vecs = embed([it.question for it in train + test])
+    audit = data.leakage_audit(train, test, vecs[:2], vecs[2:])
+    assert audit["n_test"] == 3 and audit["n_train"] == 2
+    assert audit["near_dup_80"] == 2 and audit["near_dup_90"] == 2
+    assert audit["near_dup_80_rate"] == pytest.approx(2 / 3)
+    assert audit["verbatim_answers"] == 1
+    assert [(p["test_id"], p["train_id"]) for p in audit["pairs"]] == [("q3", "q1"), ("q2", "q0")]
+    json.dumps(audit)  # goes to a JSON file and MLflow as is
+
+
+# --------------------------------------------------------------------------- reproduction
+
+
+@pytest.mark.slow
+def test_reproduces_original_study_preprocessing(tmp_path):
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference data not found at {REFERENCE}")
+    from qa_lab.retrieval import embed as real_embed
+
+    def pairs(name):
+        return [json.loads(line) for line in (REFERENCE / name).read_text().splitlines()]
+
+    def plain(items):
+        return [{"question": it.question, "answer": it.answer} for it in items]
+
+    items, _ = data.load_items(REFERENCE / "dataset.jsonl")
+    assert len(items) == 2070
+    items, _ = data.exact_dedup(items, "strip_lower")
+    assert plain(items) == pairs("dataset_no_duplicates.jsonl")
+    vectors = real_embed([it.question for it in items], EMBEDDER, cache_dir=tmp_path)
+    kept, _ = data.semantic_dedup(vectors, 0.9)
+    items = [items[i] for i in kept]
+    assert plain(items) == pairs("dataset_semantic_filtered.jsonl")
+    splits = data.split_items(items, "random", seed=42)
+    assert Counter({k: len(v) for k, v in splits.items()}) == Counter(train=1264, val=270, test=272)
+    for name in ("train", "val", "test"):
+        assert plain(splits[name]) == pairs(f"{name}.jsonl"), name
