@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import random
+import re
 from collections.abc import Sequence
 from itertools import combinations
 from typing import Any
@@ -23,6 +24,7 @@ DIAGNOSTICS = ("runaway_rate", "truncation_rate", "empty_rate", "length_ratio", 
 RETRIEVAL = ("retrieval_top1_score", "retrieval_best_rougeL", "retrieval_best_cosine")
 LOWER_IS_BETTER = {"runaway_rate", "truncation_rate", "empty_rate", "idk_rate"}
 SWEPT_PARAMS = ("retriever.k", "model.learning_rate", "model.epochs", "model.r", "llm.name")
+TOPIC_METRICS = ("rougeL_f1", "bertscore_f1")
 VARIANTS_2X2 = ("vanilla", "rag", "lora", "rag_lora")
 
 
@@ -108,10 +110,21 @@ def _pyplot() -> Any:
 # --------------------------------------------------------------------------- sweep report
 
 
-def _label(run: dict[str, Any], varying: list[str]) -> str:
-    variant = run["tags"].get("qa_lab.variant", run["name"])
-    extra = " ".join(f"{p.split('.')[-1]}={run['params'].get(p)}" for p in varying)
-    return f"{variant} {extra}".strip()
+def _labels(runs: list[dict[str, Any]]) -> list[str]:
+    """Variant names, plus the swept params that tell apart runs of one variant (k=3, lr=…)."""
+    variants = [r["tags"].get("qa_lab.variant", r["name"]) for r in runs]
+    labels = []
+    for run, variant in zip(runs, variants):
+        same = [r for r, v in zip(runs, variants) if v == variant]
+        varying = [p for p in SWEPT_PARAMS if len({r["params"].get(p) for r in same}) > 1]
+        extra = " ".join(f"{p.split('.')[-1]}={run['params'].get(p)}" for p in varying)
+        labels.append(f"{variant} {extra}".strip())
+    return labels
+
+
+def metric_key(text: str) -> str:
+    """A label made safe for an MLflow metric name."""
+    return re.sub(r"[^A-Za-z0-9_.\-/:]", "_", text.replace("=", "-").replace(" ", "_"))
 
 
 def _load_runs(parent_run_id: str) -> list[dict[str, Any]]:
@@ -128,9 +141,8 @@ def _load_runs(parent_run_id: str) -> list[dict[str, Any]]:
         raise QaLabError(
             f"report={parent_run_id}: runs were evaluated on different item sets ({names})"
         )
-    varying = [p for p in SWEPT_PARAMS if len({r["params"].get(p) for r in runs}) > 1]
-    for r in runs:
-        r["label"] = _label(r, varying)
+    for r, label in zip(runs, _labels(runs)):
+        r["label"] = label
         r["ci"] = json.loads(tracking.run_artifact_text(r["run_id"], "metrics.json"))
         r["items"] = [
             json.loads(line)
@@ -179,8 +191,8 @@ def effects(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
         result = stats.effects_2x2(
             *cells, clusters=clusters, resamples=int(boot.resamples), seed=int(boot.seed)
         )
-        for name, res in result.items():
-            out.append({"effect": name, "metric": metric, **res})
+        for name in ("rag", "ft", "interaction"):
+            out.append({"effect": name, "metric": metric, **result[name]})
     return out
 
 
@@ -312,7 +324,7 @@ def build_report(
             ),
         ]
         for c in comparisons:
-            base = f"compare/{c['a'].replace(' ', '_')}_vs_{c['b'].replace(' ', '_')}/{c['metric']}"
+            base = f"compare/{metric_key(c['a'])}_vs_{metric_key(c['b'])}/{c['metric']}"
             logged.update(
                 {
                     f"{base}/diff": c["diff"],
@@ -345,7 +357,7 @@ def build_report(
             logged[f"effect/{e['effect']}/{e['metric']}"] = e["estimate"]
     topics = sorted({it.get("topic") or "unknown" for it in runs[0]["items"]})
     md += [
-        "\n## Per topic (mean ROUGE-L F1 / BERTScore F1)\n",
+        f"\n## Per topic (mean {' / '.join(TOPIC_METRICS)})\n",
         _table(
             ["config"] + topics, [[r["label"]] + [_topic_cell(r, t) for t in topics] for r in runs]
         ),
@@ -398,8 +410,11 @@ def _topic_cell(run: dict[str, Any], topic: str) -> str:
     items = [it for it in run["items"] if (it.get("topic") or "unknown") == topic]
     if not items:
         return "–"
-    mean = lambda m: sum(it["scores"].get(m, 0.0) for it in items) / len(items)  # noqa: E731
-    return f"{mean('rougeL_f1'):.3f} / {mean('bertscore_f1'):.3f}"
+    cells = []
+    for metric in TOPIC_METRICS:
+        values = [it["scores"][metric] for it in items if metric in it["scores"]]
+        cells.append(f"{sum(values) / len(values):.3f}" if values else "–")
+    return " / ".join(cells) + f" (n={len(items)})"
 
 
 def _speed(run: dict[str, Any], key: str) -> str:
