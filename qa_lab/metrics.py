@@ -76,7 +76,9 @@ RETRIEVAL_EMBEDDER = "all-MiniLM-L6-v2"
 BERTSCORE_BASELINE_SEED = 0
 
 # Per-item 0/1 flags whose corpus value is a rate, under the name the MLflow runs use.
+SENTENCE_END = ".!?)]}\"'`*:;"
 RATE_NAMES = {
+    "unfinished": "unfinished_rate",
     "empty": "empty_rate",
     "truncated": "truncation_rate",
     "runaway": "runaway_rate",
@@ -98,6 +100,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "empty_rate": False,
     "truncation_rate": False,
     "runaway_rate": False,
+    "unfinished_rate": False,
     "idk_rate": False,
     "retrieval_top1_score": True,
     "retrieval_best_rougeL": True,
@@ -499,6 +502,16 @@ def length_ratio(prediction: str, reference: str) -> float:
     return len(prediction.split()) / max(len(reference.split()), 1)
 
 
+def is_unfinished(prediction: str) -> float:
+    """1.0 when a non-empty answer stops mid-sentence (no closing punctuation).
+
+    Files scored without token counts cannot say whether generation hit its limit; an answer
+    cut mid-sentence is the visible trace of that, so this stands in for the truncation rate.
+    """
+    text = prediction.rstrip()
+    return float(bool(text) and text[-1] not in SENTENCE_END)
+
+
 def is_idk(prediction: str) -> float:
     """1.0 when the answer abstains ("I don't know", "cannot answer", ...; `IDK_PATTERN`)."""
     return float(_IDK_RE.search(prediction) is not None)
@@ -737,6 +750,7 @@ def score_items(
             ),
         )
         _put(per_item, "runaway", (is_runaway(p) for p in predictions))
+        _put(per_item, "unfinished", (is_unfinished(p) for p in predictions))
         _put(
             per_item, "length_ratio", (length_ratio(p, r) for p, r in zip(predictions, references))
         )

@@ -20,9 +20,16 @@ from qa_lab.errors import QaLabError
 
 HEADLINE = ("bleu", "rougeL_f1", "bertscore_f1", "exact_match", "token_f1")
 PAIRED = ("rougeL_f1", "bertscore_f1", "token_f1", "sentence_bleu", "exact_match")
-DIAGNOSTICS = ("runaway_rate", "truncation_rate", "empty_rate", "length_ratio", "idk_rate")
+DIAGNOSTICS = (
+    "runaway_rate",
+    "truncation_rate",
+    "unfinished_rate",
+    "empty_rate",
+    "length_ratio",
+    "idk_rate",
+)
 RETRIEVAL = ("retrieval_top1_score", "retrieval_best_rougeL", "retrieval_best_cosine")
-LOWER_IS_BETTER = {"runaway_rate", "truncation_rate", "empty_rate", "idk_rate"}
+LOWER_IS_BETTER = {"runaway_rate", "truncation_rate", "unfinished_rate", "empty_rate", "idk_rate"}
 SWEPT_PARAMS = ("retriever.k", "model.learning_rate", "model.epochs", "model.r", "llm.name")
 TOPIC_METRICS = ("rougeL_f1", "bertscore_f1")
 VARIANTS_2X2 = ("vanilla", "rag", "lora", "rag_lora")

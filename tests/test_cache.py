@@ -12,7 +12,9 @@ def test_hash_ignores_key_order_and_nulls():
     assert stable_hash({"a": 1, "b": {"c": 2}}) == stable_hash({"b": {"c": 2}, "a": 1})
     assert stable_hash({"a": 1}) == stable_hash({"a": 1, "z": None})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
-    assert canonical_json({"b": 1, "a": [1, None]}) == '{"a":[1,null],"b":1}'.replace(",null", ",null")
+    assert canonical_json({"b": 1, "a": [1, None]}) == '{"a":[1,null],"b":1}'.replace(
+        ",null", ",null"
+    )
 
 
 def test_stage_key_excludes_and_versions():
@@ -65,7 +67,10 @@ def _slow_build(folder: str, log: str) -> None:
 def test_build_once_lock_builds_once_across_processes(tmp_path: Path):
     log = tmp_path / "log.txt"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_slow_build, args=(str(tmp_path / "s" / "k"), str(log))) for _ in range(3)]
+    procs = [
+        ctx.Process(target=_slow_build, args=(str(tmp_path / "s" / "k"), str(log)))
+        for _ in range(3)
+    ]
     for p in procs:
         p.start()
     for p in procs:

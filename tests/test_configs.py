@@ -59,5 +59,10 @@ def test_variant_is_derived():
 
 
 def test_secrets_are_redacted_but_env_names_kept():
-    out = redact({"synthesis": {"api_key": "sk-123", "api_key_env": "OPENAI_API_KEY"}, "hf_token": "t"})
-    assert out == {"synthesis": {"api_key": "***", "api_key_env": "OPENAI_API_KEY"}, "hf_token": "***"}
+    out = redact(
+        {"synthesis": {"api_key": "sk-123", "api_key_env": "OPENAI_API_KEY"}, "hf_token": "t"}
+    )
+    assert out == {
+        "synthesis": {"api_key": "***", "api_key_env": "OPENAI_API_KEY"},
+        "hf_token": "***",
+    }

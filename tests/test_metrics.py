@@ -387,3 +387,12 @@ def test_original_preset_reproduces_logged_bleu_and_rouge(variant):
     # HF's rouge logs the median of 1000 unseeded bootstrap means (sd ~3e-4 here), so only the
     # 3rd decimal is reproducible; our number is the plain mean.
     assert abs(result.corpus["rougeL_f1"] - logged_rouge) < 5e-4
+
+
+def test_unfinished_flags_answers_cut_mid_sentence():
+    from qa_lab.metrics import is_unfinished
+
+    assert is_unfinished("The new version is monitored closely for any signs of inst") == 1.0
+    assert is_unfinished("A stack is LIFO.") == 0.0
+    assert is_unfinished("Is it O(n)?") == 0.0
+    assert is_unfinished("   ") == 0.0

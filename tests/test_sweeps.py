@@ -3,7 +3,6 @@ and the result checked in the MLflow UI in a real headless browser."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

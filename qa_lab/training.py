@@ -1,0 +1,436 @@
+"""LoRA/QLoRA fine-tuning with TRL's `SFTTrainer`: the loss falls on the answer and its stop token.
+
+Examples are conversational prompt/completion pairs from `prompts.sft_example`, rendered by the
+model's own chat template. They are tokenized here rather than inside TRL so that the supervised
+span is exactly what generation must produce: the answer tokens followed by the template's
+end-of-turn token (SmolLM2: `<|im_end|>`), and nothing after it (the template's trailing newline
+is dropped). Learning that token is what makes the fine-tuned model stop. TRL then builds the
+labels from the completion mask (`completion_only_loss`), so prompt tokens carry -100.
+
+Metrics leave through a plain callable (`log_metrics(metrics, step)`); this module never imports
+mlflow, and transformers' own reporting integrations are switched off (`report_to="none"`) so
+that none of them opens a run of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from qa_lab.errors import QaLabError
+
+MetricsFn = Callable[[dict[str, float], int], None]
+
+# Trainer log keys -> project metric names (DESIGN §6: `train/…`, `val/…` sections in MLflow).
+METRIC_NAMES = {
+    "loss": "train/loss",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "epoch": "train/epoch",
+    "mean_token_accuracy": "train/token_accuracy",
+    "eval_loss": "val/loss",
+    "eval_mean_token_accuracy": "val/token_accuracy",
+}
+# Defaults for keys a caller's LoRA config may leave out (the values of conf/model/lora.yaml).
+LORA_DEFAULTS: dict[str, Any] = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.05,
+    "target_modules": "all-linear",
+    "learning_rate": 1.0e-4,
+    "epochs": 2,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "max_length": 256,
+    "warmup_ratio": 0.05,
+    "weight_decay": 0.0,
+    "lr_scheduler": "linear",
+    "seed": 42,
+    "early_stopping_patience": None,
+    "group_by_length": True,
+}
+CHECKPOINTS = "_checkpoints"  # inside out_dir while training; removed before returning
+TRAINER_LOG = "trainer_log.json"
+
+
+def _opt(cfg: Mapping[str, Any] | Any, key: str) -> Any:
+    """A LoRA setting from a dict or DictConfig, falling back to `LORA_DEFAULTS`."""
+    value = cfg.get(key) if hasattr(cfg, "get") else None
+    return LORA_DEFAULTS[key] if value is None else value
+
+
+def _chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, prompt: bool) -> list[int]:
+    """Token ids of messages rendered by the chat template (a generation prompt if `prompt`)."""
+    encoded = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, add_generation_prompt=prompt, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that closes an assistant turn in this tokenizer's chat template.
+
+    It is the token the fine-tune must learn and the one generation stops on. Usually it is
+    `eos_token` (SmolLM2 and Qwen: `<|im_end|>`); templates whose turn ends on another special
+    token (Llama 3: `<|eot_id|>`) are found by rendering a probe conversation.
+
+    Raises:
+        QaLabError: the template closes the assistant turn with no special token, so a model
+            trained on it could never learn where to stop.
+    """
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    prompt_ids = _chat_ids(tokenizer, probe, prompt=True)
+    full_ids = _chat_ids(tokenizer, [*probe, {"role": "assistant", "content": "a"}], prompt=False)
+    completion = full_ids[len(prompt_ids) :]
+    if tokenizer.eos_token_id in completion:
+        return int(tokenizer.eos_token_id)
+    special = set(tokenizer.all_special_ids)
+    for token in completion:
+        if token in special:
+            return int(token)
+    raise QaLabError(
+        f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} ends an "
+        "assistant turn with no special token; the fine-tune could not learn to stop"
+    )
+
+
+def tokenize_sft_example(
+    tokenizer: Any, example: Mapping[str, Any], *, end_of_turn: int
+) -> dict[str, list[int]]:
+    """Prompt + completion ids and a completion mask that ends on the end-of-turn token.
+
+    The prompt is rendered exactly as at inference (`add_generation_prompt=True`), so the model
+    is trained on the context it will see; tokens after the assistant's end-of-turn (a template
+    newline) are cut, because generation stops before them.
+
+    Raises:
+        QaLabError: the rendered prompt is not a prefix of the rendered conversation, or the
+            completion lacks the end-of-turn token.
+    """
+    prompt_ids = _chat_ids(tokenizer, example["prompt"], prompt=True)
+    full_ids = _chat_ids(tokenizer, [*example["prompt"], *example["completion"]], prompt=False)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise QaLabError(
+            "chat template renders the prompt differently with and without the answer; "
+            "training would see a context that generation never shows the model"
+        )
+    completion = full_ids[len(prompt_ids) :]
+    if end_of_turn not in completion:
+        raise QaLabError(f"chat template does not close the answer with token id {end_of_turn}")
+    completion = completion[: completion.index(end_of_turn) + 1]
+    return {
+        "input_ids": prompt_ids + completion,
+        "completion_mask": [0] * len(prompt_ids) + [1] * len(completion),
+    }
+
+
+def build_sft_dataset(
+    tokenizer: Any, examples: Sequence[Mapping[str, Any]], *, max_length: int
+) -> tuple[Any, dict[str, int]]:
+    """Tokenized `datasets.Dataset` (input_ids, completion_mask) and truncation counts.
+
+    Sequences longer than `max_length` keep their start; those whose answer is cut lose their
+    end-of-turn token (counted as `truncated`, since they teach the model not to stop), and those
+    whose prompt alone fills `max_length` carry no loss and are dropped (counted as `dropped`).
+    """
+    from datasets import Dataset
+
+    end_of_turn = end_of_turn_id(tokenizer)
+    rows: list[dict[str, list[int]]] = []
+    truncated = dropped = 0
+    for example in examples:
+        row = tokenize_sft_example(tokenizer, example, end_of_turn=end_of_turn)
+        if len(row["input_ids"]) > max_length:
+            truncated += 1
+            row = {key: ids[:max_length] for key, ids in row.items()}
+            if not any(row["completion_mask"]):
+                dropped += 1
+                continue
+        rows.append(row)
+    if not rows:
+        raise QaLabError(f"no training example fits model.max_length={max_length}")
+    return Dataset.from_list(rows), {"truncated": truncated, "dropped": dropped}
+
+
+def lora_config(lora_cfg: Mapping[str, Any] | Any) -> Any:
+    """PEFT `LoraConfig` for a causal LM from the project's LoRA settings."""
+    from peft import LoraConfig
+
+    target = _opt(lora_cfg, "target_modules")
+    return LoraConfig(
+        r=int(_opt(lora_cfg, "r")),
+        lora_alpha=int(_opt(lora_cfg, "alpha")),
+        lora_dropout=float(_opt(lora_cfg, "dropout")),
+        target_modules=target if isinstance(target, str) else list(target),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _is_4bit(model: Any) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+def sft_config(
+    lora_cfg: Mapping[str, Any] | Any, *, model: Any, output_dir: Path, has_val: bool
+) -> Any:
+    """TRL `SFTConfig` with the precision, memory and schedule choices made explicit.
+
+    TRL defaults to bf16 and gradient checkpointing; both are slow or unsupported on CPU, so
+    bf16 is used only for a bf16 model on CUDA and checkpointing only for a 4-bit (QLoRA) one.
+    Validation loss is computed every epoch; checkpoints are written only when early stopping
+    needs them to restore the best epoch.
+    """
+    import torch
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    four_bit = _is_4bit(model)
+    patience = _opt(lora_cfg, "early_stopping_patience")
+    if patience is not None and not has_val:
+        raise QaLabError("model.early_stopping_patience needs validation examples (val split)")
+    early = patience is not None
+    sampling = "group_by_length" if _opt(lora_cfg, "group_by_length") else "random"
+    return SFTConfig(
+        output_dir=str(output_dir),
+        report_to="none",  # transformers' MLflow callback would open a run of its own
+        seed=int(_opt(lora_cfg, "seed")),
+        data_seed=int(_opt(lora_cfg, "seed")),
+        num_train_epochs=float(_opt(lora_cfg, "epochs")),
+        per_device_train_batch_size=int(_opt(lora_cfg, "batch_size")),
+        per_device_eval_batch_size=int(_opt(lora_cfg, "batch_size")),
+        gradient_accumulation_steps=int(_opt(lora_cfg, "grad_accum")),
+        learning_rate=float(_opt(lora_cfg, "learning_rate")),
+        lr_scheduler_type=str(_opt(lora_cfg, "lr_scheduler")),
+        # transformers 5 dropped `warmup_ratio`: a float in [0, 1) here is a ratio of all steps.
+        warmup_steps=float(_opt(lora_cfg, "warmup_ratio")),
+        weight_decay=float(_opt(lora_cfg, "weight_decay")),
+        # transformers 5 spells `group_by_length=True` as a sampling strategy.
+        train_sampling_strategy=sampling,
+        max_length=None,  # truncated by build_sft_dataset, which also counts what it cut
+        completion_only_loss=True,
+        padding_free=False,  # see README Pitfalls: only safe while TRL forces use_cache=False
+        bf16=cuda and model.dtype == torch.bfloat16,
+        fp16=cuda and model.dtype == torch.float16,
+        gradient_checkpointing=cuda and four_bit,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cuda and four_bit else None,
+        optim="paged_adamw_8bit" if four_bit else "adamw_torch",
+        eval_strategy="epoch" if has_val else "no",
+        save_strategy="epoch" if early else "no",
+        save_only_model=True,  # no optimizer state: checkpoints only serve load_best_model_at_end
+        save_total_limit=1 if early else None,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        logging_strategy="steps",
+        logging_steps=1,
+        dataloader_pin_memory=cuda,
+        disable_tqdm=True,
+    )
+
+
+def _metrics_callback(log_metrics: MetricsFn) -> Any:
+    """A `TrainerCallback` that renames the trainer's logs and hands them to `log_metrics`."""
+    from transformers import TrainerCallback
+
+    class ForwardMetrics(TrainerCallback):
+        """Forwards each log (a training step or an evaluation) with the project's names."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            metrics = {
+                METRIC_NAMES[key]: float(value)
+                for key, value in (logs or {}).items()
+                if key in METRIC_NAMES and isinstance(value, int | float) and math.isfinite(value)
+            }
+            if metrics:
+                log_metrics(metrics, int(state.global_step))
+
+    return ForwardMetrics()
+
+
+def _use_all_cpus() -> None:
+    """Give torch one thread per CPU this process may run on, unless the user pinned it.
+
+    torch counts the machine's cores, which in a container can exceed the CPUs it is allowed;
+    oversubscribed threads make CPU training markedly slower. `OMP_NUM_THREADS` wins (parallel
+    jobs on one machine set it to share the cores).
+    """
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "sched_getaffinity"):
+        return
+    available = len(os.sched_getaffinity(0))
+    if torch.get_num_threads() != available:
+        torch.set_num_threads(available)
+
+
+def build_trainer(
+    *,
+    model: Any,
+    tokenizer: Any,
+    train_examples: Sequence[Mapping[str, Any]],
+    val_examples: Sequence[Mapping[str, Any]],
+    lora_cfg: Mapping[str, Any] | Any,
+    out_dir: Path,
+    log_metrics: MetricsFn | None = None,
+) -> Any:
+    """An `SFTTrainer` with the LoRA adapter attached, ready for `run_training`.
+
+    Separate from `train_lora` so callers (and tests) can inspect the tokenized data, the
+    collated batches and the adapter before training. `model` is modified in place: PEFT
+    injects the LoRA layers into it.
+    """
+    import torch
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTTrainer
+
+    if not train_examples:
+        raise QaLabError("no training examples: the train split is empty")
+    if not torch.cuda.is_available():
+        _use_all_cpus()
+    max_length = int(_opt(lora_cfg, "max_length"))
+    train_ds, cut = build_sft_dataset(tokenizer, train_examples, max_length=max_length)
+    val_ds = None
+    if val_examples:
+        val_ds = build_sft_dataset(tokenizer, val_examples, max_length=max_length)[0]
+    checkpoints = Path(out_dir) / CHECKPOINTS
+    args = sft_config(lora_cfg, model=model, output_dir=checkpoints, has_val=val_ds is not None)
+    if _is_4bit(model):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    # LoRA's A matrices are drawn when TRL wraps the model, before Trainer seeds itself.
+    set_seed(args.seed)
+    callbacks: list[Any] = []
+    if log_metrics is not None:
+        callbacks.append(_metrics_callback(log_metrics))
+    if args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(int(_opt(lora_cfg, "early_stopping_patience"))))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(lora_cfg),
+        callbacks=callbacks,
+    )
+    trainer.qa_lab_truncation = cut  # read back by run_training for the summary
+    return trainer
+
+
+def _param_counts(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def run_training(trainer: Any, out_dir: Path) -> dict[str, Any]:
+    """Train, save the adapter, tokenizer and log history into `out_dir`, and summarise.
+
+    Throughput counts real (non-padding) tokens: every training sequence once per epoch run,
+    divided by the time spent training, i.e. the `train()` wall time minus evaluation time.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = trainer.model
+    trainable, total = _param_counts(model)
+    start = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - start
+    history = list(trainer.state.log_history)
+    eval_logs = [log for log in history if "eval_loss" in log]
+    eval_s = sum(float(log.get("eval_runtime", 0.0)) for log in eval_logs)
+    train_s = max(wall - eval_s, 1e-9)
+    epochs_run = float(trainer.state.epoch or 0.0)
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    train_tokens = int(round(sum(lengths) * epochs_run))
+    train_losses = [float(log["loss"]) for log in history if "loss" in log]
+    val_losses = [float(log["eval_loss"]) for log in eval_logs]
+
+    # Trainer turns the model's KV cache off for training; generation afterwards wants it.
+    model.config.use_cache = True
+    model.eval()
+    model.save_pretrained(out_dir)
+    trainer.processing_class.save_pretrained(out_dir)
+    (out_dir / TRAINER_LOG).write_text(json.dumps(history, indent=1), encoding="utf-8")
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    cut = getattr(trainer, "qa_lab_truncation", {"truncated": 0, "dropped": 0})
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_examples": len(lengths),
+        "truncated_examples": cut["truncated"],
+        "dropped_examples": cut["dropped"],
+        "epochs_run": epochs_run,
+        "steps": int(trainer.state.global_step),
+        "train_tokens": train_tokens,
+        "tokens_per_s": train_tokens / train_s,
+        "examples_per_s": len(lengths) * epochs_run / train_s,
+        "wall_s": wall,
+        "eval_s": eval_s,
+        "first_train_loss": train_losses[0] if train_losses else math.nan,
+        "final_train_loss": train_losses[-1] if train_losses else math.nan,
+        "mean_train_loss": float(result.training_loss),
+        "val_loss_per_epoch": val_losses,
+        "best_val_loss": min(val_losses) if val_losses else math.nan,
+        "stopped_early": epochs_run + 1e-6 < float(trainer.args.num_train_epochs),
+    }
+
+
+def train_lora(
+    *,
+    model: Any,
+    tokenizer: Any,
+    train_examples: list[dict],
+    val_examples: list[dict],
+    lora_cfg: Mapping[str, Any] | Any,
+    out_dir: Path,
+    log_metrics: MetricsFn | None = None,
+) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter on prompt/completion examples and save it into `out_dir`.
+
+    Args:
+        model: the base causal LM (from `models.load_llm(..., for_training=True)`); LoRA layers
+            are injected into it in place.
+        tokenizer: its tokenizer; saved next to the adapter.
+        train_examples: `prompts.sft_example` dicts (conversational prompt + completion).
+        val_examples: the same for validation loss per epoch (may be empty: no evaluation).
+        lora_cfg: the `model` config group (`conf/model/lora.yaml` keys).
+        out_dir: receives adapter_model.safetensors, adapter_config.json, the tokenizer files
+            and trainer_log.json (the trainer's log history).
+        log_metrics: called as `log_metrics({name: value}, step)` on every log
+            (`train/loss`, `train/learning_rate`, `train/grad_norm`, `train/epoch`, `val/loss`).
+
+    Returns:
+        A JSON-ready summary: parameter counts, tokens and examples per second, losses, steps.
+    """
+    trainer = build_trainer(
+        model=model,
+        tokenizer=tokenizer,
+        train_examples=train_examples,
+        val_examples=val_examples,
+        lora_cfg=lora_cfg,
+        out_dir=out_dir,
+        log_metrics=log_metrics,
+    )
+    return run_training(trainer, out_dir)
+
+
+def merge_adapter(peft_model: Any) -> Any:
+    """Fold the LoRA weights into the base weights and return the plain model.
+
+    Generation is then as fast as the base model's, at the cost of a full-size copy on disk if
+    saved. The PEFT wrapper is consumed: use the returned model afterwards.
+    """
+    return peft_model.merge_and_unload()
