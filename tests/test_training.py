@@ -167,24 +167,44 @@ def test_labels_mask_the_prompt_and_supervise_answer_and_end_of_turn(
         assert supervised[-1] == eot
         assert tokenizer.decode(supervised) == QA[i][1] + "<|im_end|>"
 
+    # On CPU the trainer uses the model's own loss instead of TRL's fused head (faster there):
+    # the same number on the same batch.
+    if not torch.cuda.is_available():
+        from trl import SFTTrainer
 
-def test_truncation_is_counted_and_prompt_only_rows_dropped(tokenizer, examples):
+        assert type(trainer) is not SFTTrainer
+        trainer.model.eval()  # no LoRA dropout, so both see the same function
+        with torch.no_grad():
+            ours = trainer.compute_loss(trainer.model, dict(batch))
+            trl_fused = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
+        torch.testing.assert_close(ours, trl_fused, atol=1e-4, rtol=1e-5)
+
+
+def test_truncation_is_counted_and_prompt_only_rows_dropped(tokenizer, examples, train_cfg):
+    question = "In a computer, " * 10 + "what does CPU stand for?"
+    long = sft_example(
+        QAItem(id="long", question=question, answer="CPU."),
+        [],
+        system=train_cfg.prompt.system,
+        context_header=train_cfg.prompt.context_header,
+    )
+    rows = [*examples[:2], long]
     prompt_lens = [
         len(tokenizer(render_prompt(tokenizer, ex["prompt"]), add_special_tokens=False).input_ids)
-        for ex in examples
+        for ex in rows
     ]
-    _, cut = training.build_sft_dataset(tokenizer, examples, max_length=10_000)
+    _, cut = training.build_sft_dataset(tokenizer, rows, max_length=10_000)
     assert cut == {"truncated": 0, "dropped": 0}
-    # Every prompt fits with one answer token: all rows are cut (their end-of-turn is lost).
-    dataset, cut = training.build_sft_dataset(tokenizer, examples, max_length=max(prompt_lens) + 1)
-    assert cut == {"truncated": len(examples), "dropped": 0}
-    assert all(len(ids) <= max(prompt_lens) + 1 for ids in dataset["input_ids"])
-    # The longest prompt alone fills max_length: that row carries no loss and is dropped.
-    dataset, cut = training.build_sft_dataset(tokenizer, examples, max_length=max(prompt_lens))
-    assert cut["dropped"] >= 1 and len(dataset) == len(examples) - cut["dropped"]
-    assert prompt_lens.count(max(prompt_lens)) == cut["dropped"]
+    # The short prompts fit with one answer token (their end-of-turn is cut off); the long
+    # prompt alone exceeds max_length, carries no loss and is dropped.
+    max_length = max(prompt_lens[:2]) + 1
+    assert prompt_lens[2] > max_length
+    dataset, cut = training.build_sft_dataset(tokenizer, rows, max_length=max_length)
+    assert cut == {"truncated": 3, "dropped": 1}
+    assert len(dataset) == 2 and all(len(ids) <= max_length for ids in dataset["input_ids"])
+    assert all(any(mask) for mask in dataset["completion_mask"])
     with pytest.raises(QaLabError, match="max_length"):
-        training.build_sft_dataset(tokenizer, examples, max_length=min(prompt_lens))
+        training.build_sft_dataset(tokenizer, rows, max_length=min(prompt_lens))
 
 
 def test_training_changes_lora_weights_only_and_lowers_loss(trained):
@@ -278,6 +298,7 @@ def test_cpu_config_switches_off_bf16_and_checkpointing(base_model, train_cfg, t
     args = training.sft_config(train_cfg.model, model=base_model, output_dir=tmp_path, has_val=True)
     if not torch.cuda.is_available():
         assert not args.bf16 and not args.gradient_checkpointing
+        assert not args.activation_checkpointing
     assert args.report_to in ([], "none", ["none"])
     assert args.optim == "adamw_torch" and args.completion_only_loss
     assert args.eval_strategy == "epoch" and args.save_strategy == "no"
@@ -291,6 +312,38 @@ def test_early_stopping_saves_per_epoch_and_needs_validation(base_model, train_c
     assert args.metric_for_best_model == "eval_loss" and not args.greater_is_better
     with pytest.raises(QaLabError, match="early_stopping_patience"):
         training.sft_config(cfg, model=base_model, output_dir=tmp_path, has_val=False)
+
+
+def test_missing_lora_setting_is_a_one_line_error(base_model, train_cfg, tmp_path):
+    cfg = {k: v for k, v in train_cfg.model.items() if k not in ("max_length", "target_modules")}
+    assert training.lora_config(cfg).target_modules == "all-linear"  # the one default
+    with pytest.raises(QaLabError, match=r"model\.max_length"):
+        training.build_trainer(
+            model=base_model,
+            tokenizer=None,
+            train_examples=[{"prompt": [], "completion": []}],
+            val_examples=[],
+            lora_cfg=cfg,
+            out_dir=tmp_path,
+        )
+
+
+def test_early_stopping_run_leaves_only_the_adapter(
+    llm_cfg, tokenizer, examples, train_cfg, tmp_path
+):
+    cfg = dict(train_cfg.model, early_stopping_patience=1, epochs=2, batch_size=4)
+    summary = training.train_lora(
+        model=fresh_model(llm_cfg),
+        tokenizer=tokenizer,
+        train_examples=examples[:4],
+        val_examples=examples[:2],
+        lora_cfg=cfg,
+        out_dir=tmp_path,
+    )
+    assert 1 <= len(summary["val_loss_per_epoch"]) <= 2
+    assert summary["best_val_loss"] == min(summary["val_loss_per_epoch"])
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / training.CHECKPOINTS).exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
