@@ -19,11 +19,14 @@ from qa_lab.errors import QaLabError
 from qa_lab.records import QAItem
 
 MODES = ("paraphrase", "qa")
-SYSTEM = "You write computer-science interview questions. Reply with the requested text only."
-PARAPHRASE_INSTRUCTION = (
-    "Rewrite this interview question with different wording but the same meaning. "
-    "Reply with the rewritten question only.\n\nQuestion: {question}"
+SYSTEM = "You rewrite computer-science interview questions. Reply with the requested text only."
+# Small instruct models answer a question put to them instead of rewording it; one worked
+# example turn is what makes SmolLM2-135M produce a question.
+PARAPHRASE_EXAMPLE = (
+    "What is the difference between a process and a thread?",
+    "How does a process differ from a thread?",
 )
+PARAPHRASE_INSTRUCTION = "Reword this interview question, keeping its meaning: {question}"
 QA_INSTRUCTION = (
     "Here is an interview question about {topic} and its answer.\n\nQuestion: {question}\n"
     "Answer: {answer}\n\nWrite one new, different interview question on the same subject and "
@@ -50,7 +53,13 @@ class Candidate:
 def messages_for(seed: QAItem, mode: str) -> list[dict[str, str]]:
     """The chat prompt asking the generator for one candidate."""
     if mode == "paraphrase":
-        user = PARAPHRASE_INSTRUCTION.format(question=seed.question)
+        example_q, example_a = PARAPHRASE_EXAMPLE
+        return [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": PARAPHRASE_INSTRUCTION.format(question=example_q)},
+            {"role": "assistant", "content": example_a},
+            {"role": "user", "content": PARAPHRASE_INSTRUCTION.format(question=seed.question)},
+        ]
     else:
         topic = seed.topic.replace("_", " ") or "computer science"
         user = QA_INSTRUCTION.format(topic=topic, question=seed.question, answer=seed.answer)
