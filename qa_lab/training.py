@@ -215,6 +215,8 @@ def sft_config(
         activation_checkpointing_kwargs={"use_reentrant": False} if cuda and four_bit else None,
         optim="paged_adamw_8bit" if four_bit else "adamw_torch",
         eval_strategy="epoch" if has_val else "no",
+        # the untrained adapter's val loss (step 0) is the baseline that shows learning happened
+        eval_on_start=has_val,
         save_strategy="epoch" if early else "no",
         save_only_model=True,  # no optimizer state: checkpoints only serve load_best_model_at_end
         save_total_limit=1 if early else None,
@@ -410,7 +412,9 @@ def run_training(trainer: Any, out_dir: Path) -> dict[str, Any]:
         "first_train_loss": train_losses[0] if train_losses else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "mean_train_loss": float(result.training_loss),
-        "val_loss_per_epoch": val_losses,
+        "val_loss_per_epoch": val_losses,  # [0] is before training (eval_on_start)
+        "initial_val_loss": val_losses[0] if val_losses else None,
+        "final_val_loss": val_losses[-1] if val_losses else None,
         "best_val_loss": min(val_losses) if val_losses else None,
         "stopped_early": epochs_run + 1e-6 < float(trainer.args.num_train_epochs),
     }
