@@ -262,6 +262,11 @@ def _loss_figure(runs: list[dict[str, Any]]) -> Any | None:
 
 
 def _sweep_figure(runs: list[dict[str, Any]]) -> Any | None:
+    """Metrics against k or learning rate, for sweeps over one variant (not the 2x2 grid)."""
+    if len({r["tags"].get("qa_lab.variant") for r in runs}) > 1 and not all(
+        r["tags"].get("qa_lab.variant") in ("vanilla", "rag") for r in runs
+    ):
+        return None
     for param in ("retriever.k", "model.learning_rate"):
         values = {r["params"].get(param) for r in runs}
         if len(values) > 1 and None not in values:

@@ -86,11 +86,12 @@ def dataset_key(cfg: DictConfig) -> str:
 def dataset_folder(cfg: DictConfig) -> tuple[Path, str]:
     """Where this config's dataset lives (built or not) and its key."""
     key = dataset_key(cfg)
-    if cfg.dataset.output_dir:
-        folder = Path(cfg.dataset.output_dir).expanduser().resolve()
+    output_dir = cfg.get("output_dir") or cfg.dataset.output_dir
+    if output_dir:
+        folder = Path(output_dir).expanduser().resolve()
         if is_finished(folder) and read_manifest(folder).get("key") != key:
             raise QaLabError(
-                f"dataset.output_dir={folder} holds a dataset built from another config; "
+                f"output_dir={folder} holds a dataset built from another config; "
                 "choose an empty folder"
             )
         return folder, key
@@ -506,7 +507,8 @@ def evaluate(cfg: DictConfig) -> str:
         torch.manual_seed(int(cfg.seed))
         model = models.load_llm(cfg.llm, cfg.paths.models)
         if adapter is not None:
-            model = models.load_adapter(model, adapter)
+            # merged for generation: same answers as the PEFT wrapper (tested), less overhead
+            model = models.load_adapter(model, adapter).merge_and_unload()
         return LocalGenerator(model, tokenizer, params, int(cfg.generation.batch_size))
 
     variant = variant_name(cfg)

@@ -108,6 +108,13 @@ def test_evaluate_vanilla_and_rag(store, small_source):
     assert all(len(it["retrieved"]) == 2 for it in rag_items)
     assert all("<passage 1>" in it["prompt"] for it in rag_items)
     assert "retrieval_best_rougeL" in runs["rag"].data.metrics
+    tags = runs["rag"].data.tags
+    assert tags["qa_lab.git_sha"] and tags["qa_lab.version.torch"] and tags["qa_lab.version.trl"]
+    assert runs["rag"].data.params["retriever.k"] == "2"
+    config = json.loads(
+        mlflow.artifacts.load_text(f"runs:/{runs['rag'].info.run_id}/config/config.json")
+    )
+    assert config["retriever"]["k"] == 2
     assert (
         runs["rag"].data.tags["qa_lab.eval_set_hash"]
         == runs["vanilla"].data.tags["qa_lab.eval_set_hash"]
@@ -190,3 +197,40 @@ def test_score_predictions_file_and_bad_rows(store, tmp_path):
     cfg = compose_cfg("evaluate", [*store, f"predictions={broken}", "metrics=lexical"])
     with pytest.raises(QaLabError, match=r"broken.jsonl:2: malformed JSON"):
         stages.evaluate_main(cfg)
+
+
+def test_output_dir_and_mismatch(store, small_source, tmp_path, capsys):
+    out = tmp_path / "my_dataset"
+    cfg = compose_cfg("build_dataset", [*_data_overrides(store, small_source), f"output_dir={out}"])
+    stages.build_dataset_main(cfg)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    assert (out / "manifest.json").is_file() and (out / "test.jsonl").is_file()
+    other = compose_cfg(
+        "build_dataset",
+        [*_data_overrides(store, small_source), f"output_dir={out}", "dataset.split.seed=7"],
+    )
+    with pytest.raises(QaLabError, match="another config"):
+        stages.build_dataset_main(other)
+
+
+def test_train_key_tracks_training_config_only(store, small_source):
+    base = compose_cfg("train", _data_overrides(store, small_source))
+    key = stages.train_key(base, "data1")
+    same = compose_cfg("train", [*_data_overrides(store, small_source), "model.adapter=/x"])
+    assert stages.train_key(same, "data1") == key
+    lr = compose_cfg("train", [*_data_overrides(store, small_source), "model.learning_rate=2e-4"])
+    assert stages.train_key(lr, "data1") != key
+    assert stages.train_key(base, "data2") != key
+
+
+def test_missing_adapter_and_wrong_model_are_one_line_errors(store, small_source, tmp_path):
+    cfg = compose_cfg(
+        "evaluate",
+        _overrides(store, small_source, "model=lora", f"model.adapter={tmp_path / 'nothing'}"),
+    )
+    with pytest.raises(QaLabError, match=r"model.adapter=.*adapter_config.json"):
+        stages.evaluate(cfg)
+    with pytest.raises(QaLabError, match="train.py trains model=lora"):
+        stages.train_main(
+            compose_cfg("train", [*_data_overrides(store, small_source), "model=vanilla"])
+        )

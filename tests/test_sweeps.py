@@ -159,20 +159,32 @@ def test_mlflow_ui_shows_sweep_in_browser(basic_sweep):
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
             )
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{url}/#/experiments/{exp_id}/runs/{parent}", timeout=120_000)
-            page.wait_for_selector("text=report", timeout=120_000)
-            page.screenshot(path=str(ARTIFACTS / "mlflow_parent_run.png"), full_page=True)
-            # the runs table lists the parent with its four evaluate children
-            page.goto(f"{url}/#/experiments/{exp_id}", timeout=120_000)
-            for c in children:
-                if c.data.tags["qa_lab.stage"] == "evaluate":
-                    page.get_by_text(c.info.run_name).first.wait_for(timeout=120_000)
+            # the runs table: the parent row expands to its four evaluate children
+            page.goto(f"{url}/#/experiments/{exp_id}/runs", timeout=120_000)
+            parent_name = mlflow.get_run(parent).info.run_name
+            page.get_by_text(parent_name).first.wait_for(timeout=120_000)
+            page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()
+            evals = [c for c in children if c.data.tags["qa_lab.stage"] == "evaluate"]
+            for c in evals:
+                page.get_by_text(c.info.run_name).first.wait_for(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "mlflow_sweep_runs.png"), full_page=True)
-            # the report artifact opens
-            page.goto(
-                f"{url}/get-artifact?path=report/report.html&run_uuid={parent}", timeout=120_000
-            )
+            # each child run page shows its metrics
+            for c in evals:
+                page.goto(f"{url}/#/experiments/{exp_id}/runs/{c.info.run_id}", timeout=120_000)
+                page.get_by_text("rougeL_f1_ci_low").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_child_run.png"), full_page=True)
+            # the parent's artifacts hold the report, and the report opens
+            page.goto(f"{url}/#/experiments/{exp_id}/runs/{parent}/artifacts", timeout=120_000)
+            page.get_by_text("report", exact=True).first.wait_for(timeout=60_000)
+            page.get_by_text("report", exact=True).first.click()
+            page.get_by_text("report.html").first.wait_for(timeout=60_000)
+            # the server hands the artifact out as a download: fetch it through the browser's
+            # context and render it, figures inline
+            resp = page.request.get(f"{url}/get-artifact?path=report/report.html&run_uuid={parent}")
+            assert resp.ok
+            page.set_content(resp.text())
             page.wait_for_selector("text=qa-lab comparison report", timeout=60_000)
+            assert page.locator("img").count() >= 2
             page.screenshot(path=str(ARTIFACTS / "mlflow_report.png"), full_page=True)
             browser.close()
     finally:
