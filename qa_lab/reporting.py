@@ -235,7 +235,7 @@ def _loss_figure(runs: list[dict[str, Any]]) -> Any | None:
         key = r["tags"].get("qa_lab.model_key", "")
         if not key.startswith("lora:"):
             continue
-        train_run = tracking.find_run_any_parent(key.removeprefix("lora:"), "train")
+        train_run = tracking.find_finished_run("train", key.removeprefix("lora:"))
         if train_run is None or any(c[0] == key for c in curves):
             continue
         curves.append(

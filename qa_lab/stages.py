@@ -103,7 +103,7 @@ def build_dataset(cfg: DictConfig) -> Path:
     folder, key = dataset_folder(cfg)
     if not is_finished(folder):
         folder, built = build_once(folder, lambda tmp: _build_dataset_into(cfg, key, tmp))
-    if tracking.find_finished_run(cfg.tracking, "dataset", key) is None:
+    if tracking.find_finished_run("dataset", key, tracking.configure(cfg.tracking)) is None:
         _log_dataset_run(cfg, folder, key)
     return folder
 

@@ -310,13 +310,19 @@ def log_input(rows: list[dict[str, Any]], name: str, context: str, digest: str) 
     mlflow.log_input(dataset, context=context)
 
 
-def find_finished_run(tracking_cfg: Any, stage: str, key: str) -> str | None:
-    """The newest finished run of a stage with this key, for reuse and `runs:/` lookups."""
+def find_finished_run(stage: str, key: str, experiment_id: str | None = None) -> str | None:
+    """The newest finished run of a stage with this key (in one experiment, or in any).
+
+    Stages use it to skip logging work already logged; reports use it to find the training
+    run behind an adapter key.
+    """
     import mlflow
 
-    experiment_id = configure(tracking_cfg)
+    where = (
+        {"experiment_ids": [experiment_id]} if experiment_id else {"search_all_experiments": True}
+    )
     runs = mlflow.search_runs(
-        [experiment_id],
+        **where,
         filter_string=(
             f"tags.`{TAG_PREFIX}stage` = '{stage}' and tags.`{TAG_PREFIX}key` = '{key}' "
             "and attributes.status = 'FINISHED'"
@@ -394,20 +400,3 @@ def ui_command(tracking_cfg: Any) -> str:
     if uri.startswith("http"):
         return f"open {uri}"
     return "make ui   # then open http://127.0.0.1:5000"
-
-
-def find_run_any_parent(key: str, stage: str) -> str | None:
-    """Newest finished run with this stage and key in any experiment of the current store."""
-    import mlflow
-
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=(
-            f"tags.`{TAG_PREFIX}stage` = '{stage}' and tags.`{TAG_PREFIX}key` = '{key}' "
-            "and attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    return runs[0].info.run_id if runs else None
