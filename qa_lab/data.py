@@ -854,6 +854,23 @@ def _majority_topic(items: Sequence[QAItem], members: Sequence[int]) -> str:
 # --------------------------------------------------------------------------- audit
 
 
+def nearest_neighbours(queries: np.ndarray, corpus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index and cosine of each query's nearest corpus row (unit-normalised rows).
+
+    Blocked so that 100k queries never build a 100k x N similarity matrix at once. With an
+    empty corpus every query gets index -1 and cosine -inf (nothing is near).
+    """
+    q, c = _as_matrix(queries), _as_matrix(corpus)
+    nearest = np.full(len(q), -1, dtype=np.int64)
+    best = np.full(len(q), -np.inf)
+    if len(c) and len(q):
+        for start in range(0, len(q), _ROW_BLOCK):
+            sims = q[start : start + _ROW_BLOCK] @ c.T
+            nearest[start : start + len(sims)] = sims.argmax(axis=1)
+            best[start : start + len(sims)] = sims.max(axis=1)
+    return nearest, best
+
+
 def leakage_audit(
     train: Sequence[QAItem],
     test: Sequence[QAItem],
@@ -881,17 +898,10 @@ def leakage_audit(
         answer; `pairs`: one row per test question at or above the lowest threshold, as
         {test_id, train_id, similarity}, most similar first.
     """
-    test_x, train_x = _as_matrix(test_vecs), _as_matrix(train_vecs)
-    if len(test_x) != len(test) or len(train_x) != len(train):
+    if len(test_vecs) != len(test) or len(train_vecs) != len(train):
         raise ValueError("vectors must match the items row for row")
     n_test = len(test)
-    nearest = np.full(n_test, -1, dtype=np.int64)
-    best = np.full(n_test, -np.inf)
-    if len(train) and n_test:
-        for start in range(0, n_test, _ROW_BLOCK):
-            sims = test_x[start : start + _ROW_BLOCK] @ train_x.T
-            nearest[start : start + len(sims)] = sims.argmax(axis=1)
-            best[start : start + len(sims)] = sims.max(axis=1)
+    nearest, best = nearest_neighbours(test_vecs, train_vecs)
     report: dict[str, Any] = {"n_train": len(train), "n_test": n_test}
     for t in thresholds:
         count = int((best >= t).sum())

@@ -83,6 +83,7 @@ RATE_NAMES = {
     "truncated": "truncation_rate",
     "runaway": "runaway_rate",
     "idk": "idk_rate",
+    "copied": "copy_rate",
 }
 # Direction of each corpus metric, for tables (True: higher is better).
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -535,7 +536,9 @@ def _get(obj: Any, name: str) -> Any:
 def retrieval_scores(
     retrieved: Sequence[Sequence[Any]],
     references: Sequence[str],
+    predictions: Sequence[str],
     *,
+    copy_threshold: float = 0.9,
     stemmer: bool = True,
     embedder: str = RETRIEVAL_EMBEDDER,
     cache_dir: str | Path | None = None,
@@ -545,11 +548,16 @@ def retrieval_scores(
     `retrieved[i]` holds {answer, score} passages (dicts or `Passage`s). Returns the top-1
     similarity the retriever reported, and the best ROUGE-L F1 and best cosine (embedded
     MiniLM) of any retrieved answer against the reference. Items without passages get NaN.
+
+    It also says whether the generator *copied*: `copy_rougeL` is the prediction's best
+    ROUGE-L F1 against a retrieved answer and `copied` flags it at `copy_threshold` or more.
+    A RAG win made of copies of near-duplicate training answers is leakage, not reasoning.
     """
     from qa_lab.retrieval import embed
 
     top1: list[float] = []
     best_rouge: list[float] = []
+    copy_rouge: list[float] = []
     flat_answers: list[str] = []
     owners: list[int] = []
     scorer = _rouge_scorer(bool(stemmer))
@@ -558,10 +566,13 @@ def retrieval_scores(
         if not passages:
             top1.append(math.nan)
             best_rouge.append(math.nan)
+            copy_rouge.append(math.nan)
             continue
         top1.append(max(float(_get(p, "score")) for p in passages))
         answers = [str(_get(p, "answer") or "") for p in passages]
         best_rouge.append(max(scorer.score(ref, a)["rougeL"].fmeasure for a in answers))
+        pred = predictions[item]
+        copy_rouge.append(max(scorer.score(a, pred)["rougeL"].fmeasure for a in answers))
         flat_answers.extend(answers)
         owners.extend([item] * len(answers))
     best_cos = np.full(len(references), np.nan)
@@ -576,6 +587,8 @@ def retrieval_scores(
         "retrieval_top1_score": top1,
         "retrieval_best_rougeL": [float(v) for v in best_rouge],
         "retrieval_best_cosine": best_cos.tolist(),
+        "copy_rougeL": copy_rouge,
+        "copied": [v if math.isnan(v) else float(v >= copy_threshold) for v in copy_rouge],
     }
 
 
@@ -621,8 +634,15 @@ class ScoreResult:
 
     def topic_means(self) -> dict[str, dict[str, float]]:
         """Per-topic means of every per-item metric, plus corpus BLEU and n per topic."""
+        return self.group_means(self.topics or [None] * len(self.per_item))
+
+    def group_means(self, labels: Sequence[str | None]) -> dict[str, dict[str, float]]:
+        """Means of every per-item metric, corpus BLEU and n within each label's items.
+
+        Items labelled None or "" belong to no group.
+        """
         out: dict[str, dict[str, float]] = {}
-        topics = np.array([t if t else "" for t in self.topics] or [""] * len(self.per_item))
+        topics = np.array([t if t else "" for t in labels])
         for topic in sorted(set(topics.tolist()) - {""}):
             idx = np.flatnonzero(topics == topic)
             means = _means([self.per_item[i] for i in idx])
@@ -760,6 +780,8 @@ def score_items(
         scores = retrieval_scores(
             [r.get("retrieved") or [] for r in rows],
             references,
+            predictions,
+            copy_threshold=float(cfg.get("copy_threshold", 0.9)),
             stemmer=bool(cfg.get("rouge_stemmer", True)),
             cache_dir=embedder_cache_dir,
         )

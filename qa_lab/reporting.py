@@ -28,7 +28,12 @@ DIAGNOSTICS = (
     "length_ratio",
     "idk_rate",
 )
-RETRIEVAL = ("retrieval_top1_score", "retrieval_best_rougeL", "retrieval_best_cosine")
+RETRIEVAL = (
+    "retrieval_top1_score",
+    "retrieval_best_rougeL",
+    "retrieval_best_cosine",
+    "copy_rate",
+)
 LOWER_IS_BETTER = {"runaway_rate", "truncation_rate", "unfinished_rate", "empty_rate", "idk_rate"}
 SWEPT_PARAMS = ("retriever.k", "model.learning_rate", "model.epochs", "model.r", "llm.name")
 TOPIC_METRICS = ("rougeL_f1", "bertscore_f1")
@@ -401,6 +406,7 @@ def build_report(
                 ],
             ),
         ]
+    md += _learned_or_copied(runs)
     md += ["\n## Side by side\n"]
     by_id = [{it["item_id"]: it for it in r["items"]} for r in runs]
     for item_id in sample_ids(list(by_id[0]), 6, 0):
@@ -416,6 +422,93 @@ def build_report(
         if fig is not None:
             figures[name] = fig
     return "\n".join(md) + "\n", figures, logged
+
+
+def _mean_n(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f} (n={len(values)})" if values else "–"
+
+
+def _learned_or_copied(runs: list[dict[str, Any]]) -> list[str]:
+    """Sections that say why a config won: train vs test, near-duplicates, the split's leakage."""
+    return _train_vs_test(runs) + _near_dup_split(runs) + _leakage_audit(runs)
+
+
+def _train_vs_test(runs: list[dict[str, Any]]) -> list[str]:
+    """Closed-book scores on a seeded training sample next to the eval split's.
+
+    A fine-tune far better on training items than on test ones memorised; one no better than
+    the base model on its own training items learned nothing. Only closed-book runs are shown:
+    a RAG run's test score had context that its train-sample answers did not.
+    """
+    closed_book = [
+        r
+        for r in runs
+        if f"train_sample/{TOPIC_METRICS[0]}" in r["metrics"]
+        and (r["params"].get("retriever.kind") == "none" or r["params"].get("retriever.k") == "0")
+    ]
+    if not closed_book:
+        return []
+    header = ["config"]
+    for m in TOPIC_METRICS:
+        header += [f"{m} test", f"{m} train", "train − test"]
+    table = []
+    for r in closed_book:
+        cells = [r["label"]]
+        for m in TOPIC_METRICS:
+            train = {
+                k: r["metrics"][f"train_sample/{m}{suffix}"]
+                for k, suffix in (("mean", ""), ("low", "_ci_low"), ("high", "_ci_high"))
+            }
+            gap = train["mean"] - r["ci"][m]["mean"]
+            cells += [fmt_ci(r["ci"][m]), fmt_ci(train), f"{gap:+.3f}"]
+        table.append(cells)
+    n_train = int(closed_book[0]["metrics"].get("train_sample/n", 0))
+    return [
+        f"\n## Did fine-tuning learn? (closed-book: {n_train} seeded training items vs the "
+        "eval split)\n",
+        "Far better on train than on test: memorised. No better than the base model on its own "
+        "training items: learned nothing.\n",
+        _table(header, table),
+    ]
+
+
+def _near_dup_split(runs: list[dict[str, Any]]) -> list[str]:
+    """Scores on items with a near-duplicate training question against the rest."""
+    if not all("near_dup" in it for it in runs[0]["items"]):
+        return []
+    header = ["config"] + [f"{m} {part}" for m in TOPIC_METRICS for part in ("near-dup", "rest")]
+    table = []
+    for r in runs:
+        cells = [r["label"]]
+        for m in TOPIC_METRICS:
+            for near in (True, False):
+                values = [
+                    it["scores"][m]
+                    for it in r["items"]
+                    if bool(it["near_dup"]) is near and m in it["scores"]
+                ]
+                cells.append(_mean_n(values))
+        table.append(cells)
+    return [
+        "\n## Near-duplicate split\n",
+        "Items whose nearest training question is a near-duplicate (cosine ≥ "
+        "`eval.near_dup_threshold`) against the rest: a win that lives in the near-dup columns "
+        "comes from leakage into the index or the fine-tune.\n",
+        _table(header, table),
+    ]
+
+
+def _leakage_audit(runs: list[dict[str, Any]]) -> list[str]:
+    """The split's leakage audit (logged by the dataset build, carried by each evaluate run)."""
+    metrics = runs[0]["metrics"]
+    audit = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("leakage/")}
+    if not audit:
+        return []
+    rows = [[k, f"{v:.3f}" if k.endswith("rate") else f"{v:.0f}"] for k, v in sorted(audit.items())]
+    return [
+        "\n## Leakage audit of the split (test vs train, from the dataset build)\n",
+        _table(["measure", "value"], rows),
+    ]
 
 
 def _topic_cell(run: dict[str, Any], topic: str) -> str:

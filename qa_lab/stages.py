@@ -7,7 +7,9 @@ and generation settings. Nothing else imports this module.
 
 from __future__ import annotations
 
+import functools
 import json
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -285,12 +287,9 @@ def _log_dataset_run(cfg: DictConfig, folder: Path, key: str) -> None:
             rows = read_jsonl(folder / f"{name}.jsonl")
             tracking.log_input(rows, f"{name}-{key[:8]}", name, manifest["files"][f"{name}.jsonl"])
         report = read_jsonl(folder / "dedup_report.jsonl")
-        audit = json.loads((folder / "leakage_audit.json").read_text(encoding="utf-8"))
         tracking.log_table(report or [{"stage": "none"}], "dedup_pairs.json")
-        tracking.log_dict(audit, "leakage_audit.json")
-        tracking.log_metrics(
-            {f"leakage/{k}": v for k, v in audit.items() if isinstance(v, int | float)}
-        )
+        tracking.log_artifacts(folder / "leakage_audit.json")
+        tracking.log_metrics(_leakage_metrics(folder))
         tracking.log_artifacts(folder / "manifest.json")
         tracking.log_figure(_topic_figure(folder), "topic_distribution.png")
 
@@ -490,15 +489,11 @@ def evaluate(cfg: DictConfig) -> str:
     retriever = _retriever(cfg, data_folder)
     passages = retriever.search([it.question for it in items])
     tokenizer = models.load_tokenizer(cfg.llm, cfg.paths.models)
-    messages = [
-        prompts.build_messages(
-            it.question, ps, system=cfg.prompt.system, context_header=cfg.prompt.context_header
-        )
-        for it, ps in zip(items, passages)
-    ]
-    prompt_texts = [prompts.render_prompt(tokenizer, m) for m in messages]
+    prompt_texts = _prompt_texts(cfg, tokenizer, items, passages)
     params = GenParams.from_cfg(cfg.generation, int(cfg.seed))
+    cache = ItemCache(Path(cfg.paths.cache) / "answers.sqlite")
 
+    @functools.cache
     def make_generator() -> LocalGenerator:
         import torch
 
@@ -524,41 +519,14 @@ def evaluate(cfg: DictConfig) -> str:
     ) as run_id:
         started = time.perf_counter()
         preds = generate_cached(
-            [it.id for it in items],
-            prompt_texts,
-            params,
-            make_generator,
-            ItemCache(Path(cfg.paths.cache) / "answers.sqlite"),
-            model_key,
+            [it.id for it in items], prompt_texts, params, make_generator, cache, model_key
         )
         wall = time.perf_counter() - started
-        rows = [
-            {
-                "item_id": it.id,
-                "question": it.question,
-                "reference": it.answer,
-                "prediction": p.prediction,
-                "topic": it.topic,
-                "seed_id": it.seed_id or it.id,
-                "stop_reason": p.stop_reason,
-                "prompt_tokens": p.prompt_tokens,
-                "generated_tokens": p.generated_tokens,
-                "max_new_tokens": params.max_new_tokens,
-                "seconds": p.seconds,
-                "cached": p.extra.get("cached", False),
-                "retrieved": [
-                    {
-                        "item_id": x.item_id,
-                        "question": x.question,
-                        "answer": x.answer,
-                        "score": round(x.score, 4),
-                    }
-                    for x in ps
-                ],
-                "prompt": text,
-            }
-            for it, p, ps, text in zip(items, preds, passages, prompt_texts)
-        ]
+        rows = _answer_rows(items, preds, passages, prompt_texts, params.max_new_tokens)
+        nearest = _nearest_train_cosine(cfg, data_folder, items)
+        threshold = float(cfg.eval.near_dup_threshold)
+        for row, cosine in zip(rows, nearest):
+            row.update(nearest_train_cosine=round(cosine, 4), near_dup=cosine >= threshold)
         fresh = [r for r in rows if not r["cached"]]
         speed = {"generation_wall_s": wall, "answers_generated": len(fresh)}
         if fresh:
@@ -567,8 +535,128 @@ def evaluate(cfg: DictConfig) -> str:
             speed["tokens_per_s"] = (
                 sum(r["generated_tokens"] for r in fresh) / gen_s if gen_s else 0.0
             )
+        tracking.log_metrics(_leakage_metrics(data_folder))
         score_and_log(cfg, rows, speed)
+        sample = train_sample(cfg, data_folder)
+        if sample:
+            closed_book: list[list[Any]] = [[] for _ in sample]
+            sample_prompts = _prompt_texts(cfg, tokenizer, sample, closed_book)
+            sample_preds = generate_cached(
+                [it.id for it in sample], sample_prompts, params, make_generator, cache, model_key
+            )
+            _log_train_sample(
+                cfg,
+                _answer_rows(
+                    sample, sample_preds, closed_book, sample_prompts, params.max_new_tokens
+                ),
+            )
     return run_id
+
+
+def _prompt_texts(
+    cfg: DictConfig, tokenizer: Any, items: list[QAItem], passages: list[list[Any]]
+) -> list[str]:
+    return [
+        prompts.render_prompt(
+            tokenizer,
+            prompts.build_messages(
+                it.question, ps, system=cfg.prompt.system, context_header=cfg.prompt.context_header
+            ),
+        )
+        for it, ps in zip(items, passages)
+    ]
+
+
+def _answer_rows(
+    items: list[QAItem],
+    preds: list[Any],
+    passages: list[list[Any]],
+    prompt_texts: list[str],
+    max_new_tokens: int,
+) -> list[dict[str, Any]]:
+    """One row per item: what was asked, what came back, how, and from which context."""
+    return [
+        {
+            "item_id": it.id,
+            "question": it.question,
+            "reference": it.answer,
+            "prediction": p.prediction,
+            "topic": it.topic,
+            "seed_id": it.seed_id or it.id,
+            "stop_reason": p.stop_reason,
+            "prompt_tokens": p.prompt_tokens,
+            "generated_tokens": p.generated_tokens,
+            "max_new_tokens": max_new_tokens,
+            "seconds": p.seconds,
+            "cached": p.extra.get("cached", False),
+            "retrieved": [
+                {
+                    "item_id": x.item_id,
+                    "question": x.question,
+                    "answer": x.answer,
+                    "score": round(x.score, 4),
+                }
+                for x in ps
+            ],
+            "prompt": text,
+        }
+        for it, p, ps, text in zip(items, preds, passages, prompt_texts)
+    ]
+
+
+def _nearest_train_cosine(cfg: DictConfig, data_folder: Path, items: list[QAItem]) -> list[float]:
+    """Cosine of each eval question to its nearest training question (embedded MiniLM).
+
+    Scores on items with a near-duplicate in the training split measure recall of seen
+    questions, not answering: the report splits every score on this.
+    """
+    from qa_lab.retrieval import embed
+
+    def vectors(batch: list[QAItem]) -> Any:
+        return embed(
+            [it.question for it in batch],
+            cfg.embedder.name,
+            cache_dir=cfg.paths.cache,
+            batch_size=int(cfg.embedder.batch_size),
+        )
+
+    _, best = data.nearest_neighbours(vectors(items), vectors(read_split(data_folder, "train")))
+    return [float(b) for b in best]
+
+
+def train_sample(cfg: DictConfig, data_folder: Path) -> list[QAItem]:
+    """A fixed, seeded sample of training items (`eval.train_sample` of them, 0 = none).
+
+    Answered closed-book by every evaluate run: a fine-tune far better on these than on the
+    test split memorised; one no better than the base model learned nothing.
+    """
+    n = int(cfg.eval.train_sample or 0)
+    if n <= 0:
+        return []
+    train = read_split(data_folder, "train")
+    return random.Random(int(cfg.seed)).sample(train, min(n, len(train)))
+
+
+def _log_train_sample(cfg: DictConfig, rows: list[dict[str, Any]]) -> None:
+    result = score_rows(cfg, rows)
+    tracking.log_metrics(
+        {f"train_sample/{k}": v for k, v in result["summary"].items() if "/" not in k}
+    )
+    tracking.log_metrics({"train_sample/n": float(len(rows))})
+    tracking.log_dict(result["ci"], "train_sample/metrics.json")
+    tracking.log_text(
+        "".join(
+            json.dumps({**r, "scores": s}, ensure_ascii=False) + "\n"
+            for r, s in zip(rows, result["per_item"])
+        ),
+        "train_sample/per_item.jsonl",
+    )
+
+
+def _leakage_metrics(data_folder: Path) -> dict[str, float]:
+    """The split's leakage audit (test vs train) as `leakage/*` metrics."""
+    audit = json.loads((data_folder / "leakage_audit.json").read_text(encoding="utf-8"))
+    return {f"leakage/{k}": float(v) for k, v in audit.items() if isinstance(v, int | float)}
 
 
 def _predict_key(cfg: DictConfig, model_key: str, items: list[QAItem]) -> str:
@@ -646,6 +734,10 @@ def score_rows(cfg: DictConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     topics = scored.topic_means()
     for topic, means in topics.items():
         summary.update({f"topic/{topic}/{name}": v for name, v in means.items()})
+    if rows and all("near_dup" in r for r in rows):
+        labels = ["near_dup" if r["near_dup"] else "not_near_dup" for r in rows]
+        for group, means in scored.group_means(labels).items():
+            summary.update({f"{group}/{name}": v for name, v in means.items()})
     return {
         "per_item": scored.per_item,
         "corpus": scored.corpus,

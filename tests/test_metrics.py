@@ -396,3 +396,30 @@ def test_unfinished_flags_answers_cut_mid_sentence():
     assert is_unfinished("A stack is LIFO.") == 0.0
     assert is_unfinished("Is it O(n)?") == 0.0
     assert is_unfinished("   ") == 0.0
+
+
+def test_copy_rate_flags_answers_lifted_from_the_retrieved_passages():
+    passage = {"answer": "A mutex lets one thread at a time into a critical section.", "score": 0.9}
+    rows = [
+        {  # verbatim copy of the retrieved answer
+            "question": "q1",
+            "prediction": "A mutex lets one thread at a time into a critical section.",
+            "reference": "Mutual exclusion for a critical section.",
+            "retrieved": [passage],
+        },
+        {  # its own words
+            "question": "q2",
+            "prediction": "It is a lock; only the holder may run the protected code.",
+            "reference": "Mutual exclusion for a critical section.",
+            "retrieved": [passage],
+        },
+    ]
+    result = metrics.score_items(rows, metrics_cfg(groups=["retrieval"]))
+    copied, own = result.per_item
+    assert copied["copy_rougeL"] == pytest.approx(1.0)
+    assert copied["copied"] == 1.0
+    assert own["copy_rougeL"] < 0.5
+    assert own["copied"] == 0.0
+    assert result.corpus["copy_rate"] == pytest.approx(0.5)
+    strict = metrics.score_items(rows, metrics_cfg(groups=["retrieval"], copy_threshold=1.01))
+    assert strict.corpus["copy_rate"] == 0.0

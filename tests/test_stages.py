@@ -34,6 +34,7 @@ def _overrides(store: list[str], source: Path, *extra: str) -> list[str]:
     return [
         *_data_overrides(store, source),
         "eval.limit=6",
+        "eval.train_sample=4",
         "generation.max_new_tokens=24",
         "metrics.bootstrap.resamples=200",
         "metrics.bertscore.baseline_pairs=100",
@@ -119,6 +120,46 @@ def test_evaluate_vanilla_and_rag(store, small_source):
         runs["rag"].data.tags["qa_lab.eval_set_hash"]
         == runs["vanilla"].data.tags["qa_lab.eval_set_hash"]
     )
+
+
+def _artifact_rows(run, path: str) -> list[dict]:
+    return [
+        json.loads(x)
+        for x in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{path}").splitlines()
+    ]
+
+
+def test_evaluate_scores_train_sample_copy_rate_and_near_duplicates(store, small_source):
+    """Issue 12's evidence: closed-book train sample, copy rate, near-dup split, leakage audit."""
+    for extra in ((), ("retriever=faiss", "retriever.k=2")):
+        cfg = compose_cfg("evaluate", _overrides(store, small_source, *extra))
+        stages.evaluate(cfg)
+    runs = {r.data.tags["qa_lab.variant"]: r for r in _runs(cfg, "evaluate")}
+    folder, _ = stages.dataset_folder(cfg)
+    train_ids = {r["id"] for r in read_jsonl(folder / "train.jsonl")}
+    samples = {v: _artifact_rows(run, "train_sample/per_item.jsonl") for v, run in runs.items()}
+    for variant, run in runs.items():
+        m = run.data.metrics
+        assert m["train_sample/n"] == 4
+        low, mean, high = (m[f"train_sample/rougeL_f1{s}"] for s in ("_ci_low", "", "_ci_high"))
+        assert low <= mean <= high
+        # closed-book: no passages, even in the RAG run, and only training items
+        assert all(not r["retrieved"] and "<passage" not in r["prompt"] for r in samples[variant])
+        assert {r["item_id"] for r in samples[variant]} <= train_ids
+        items = _artifact_rows(run, "per_item.jsonl")
+        assert all(0 <= it["nearest_train_cosine"] <= 1.0001 for it in items)
+        assert all(it["near_dup"] == (it["nearest_train_cosine"] >= 0.8) for it in items)
+        split_n = m.get("near_dup/n", 0) + m.get("not_near_dup/n", 0)
+        assert split_n == 6
+        assert m["leakage/n_test"] == len(read_jsonl(folder / "test.jsonl"))
+    # same seeded sample, same closed-book prompts: the RAG run reuses the vanilla answers
+    assert [r["item_id"] for r in samples["rag"]] == [r["item_id"] for r in samples["vanilla"]]
+    assert [r["prediction"] for r in samples["rag"]] == [
+        r["prediction"] for r in samples["vanilla"]
+    ]
+    assert all(r["cached"] for r in samples["rag"])
+    assert 0 <= runs["rag"].data.metrics["copy_rate"] <= 1
+    assert "copy_rate" not in runs["vanilla"].data.metrics
 
 
 def test_retriever_k_zero_builds_the_no_retrieval_prompt(store, small_source):

@@ -38,6 +38,7 @@ def _sweep(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
         f"dataset.source={source}",
         "dataset.synthesis.backend=none",
         "eval.limit=6",
+        "eval.train_sample=4",
         "generation.max_new_tokens=24",
         "metrics=lexical",
         "metrics.bootstrap.resamples=200",
@@ -77,6 +78,8 @@ def _check_parent(store: Path) -> tuple[str, list]:
     assert (
         "## Grid" in report and "2×2 decomposition" in report and "## Paired comparisons" in report
     )
+    for section in ("Did fine-tuning learn?", "## Near-duplicate split", "## Leakage audit"):
+        assert section in report, section
     html = mlflow.artifacts.load_text(f"runs:/{parent}/report/report.html")
     assert "data:image/png;base64," in html
     parent_metrics = mlflow.get_run(parent).data.metrics
