@@ -26,6 +26,11 @@ def write_jsonl(path, rows):
     return path
 
 
+def load(path, **kwargs):
+    loaded = data.load_items(path, **kwargs)
+    return loaded.items, loaded.mapping
+
+
 def item(i, question=None, topic="", seed_id=None, answer=None):
     return QAItem(
         id=f"q{i}",
@@ -53,13 +58,14 @@ def test_load_jsonl_defaults_ids_lineage_and_mapping(tmp_path):
             },
         ],
     )
-    items, mapping = data.load_items(path)
+    items, mapping = load(path)
     assert mapping == {
         "id": None,
         "question": "question",
         "answer": "answer",
         "topic": "topic",
         "difficulty": None,
+        "seed_id": "seed_id",
     }
     assert [it.id for it in items] == ["row-00001", "row-00002"]
     assert items[0].seed_id == "row-00001" and items[0].source == "seed"
@@ -73,7 +79,7 @@ def test_load_jsonl_defaults_ids_lineage_and_mapping(tmp_path):
 
 def test_column_auto_mapping_query_response(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"Query": "What is DNS?", "response": "Names."}])
-    items, mapping = data.load_items(path)
+    items, mapping = load(path)
     assert mapping["question"] == "Query" and mapping["answer"] == "response"
     assert (items[0].question, items[0].answer) == ("What is DNS?", "Names.")
 
@@ -81,21 +87,22 @@ def test_column_auto_mapping_query_response(tmp_path):
 def test_explicit_columns(tmp_path):
     rows = [{"uid": "a", "q": "x?", "ans": "y", "cat": "t", "reference": "other"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    items, mapping = data.load_items(path, columns={"id": "uid", "answer": "ans", "topic": "cat"})
+    items, mapping = load(path, columns={"id": "uid", "answer": "ans", "topic": "cat"})
     assert mapping == {
         "id": "uid",
         "question": "q",
         "answer": "ans",
         "topic": "cat",
         "difficulty": None,
+        "seed_id": None,
     }
-    assert items[0] == QAItem("a", "x?", "y", topic="t", seed_id="a")
+    assert items[0] == QAItem("a", "x?", "y", topic="t", seed_id="a", topic_source="mapped")
 
 
 def test_unknown_mapped_column_lists_columns(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "x?", "answer": "y"}])
     with pytest.raises(QaLabError, match=r"dataset.columns.question='prompt'.*question, answer"):
-        data.load_items(path, columns={"question": "prompt"})
+        load(path, columns={"question": "prompt"})
     with pytest.raises(QaLabError, match=r"no answer column found; its columns are: q"):
         data.resolve_columns(["q"], source=path)
 
@@ -104,7 +111,7 @@ def test_malformed_jsonl_names_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "a?", "answer": "b"}\n\n{"question": "c?", "answer"\n')
     with pytest.raises(QaLabError, match=r"d\.jsonl:3: malformed JSON"):
-        data.load_items(path)
+        load(path)
 
 
 def test_invalid_utf8_names_encoding_option(tmp_path):
@@ -113,8 +120,8 @@ def test_invalid_utf8_names_encoding_option(tmp_path):
         b'{"question": "ok?", "answer": "b"}\n{"question": "caf\xe9?", "answer": "b"}\n'
     )
     with pytest.raises(QaLabError, match=r"d\.jsonl:2: .*dataset\.encoding="):
-        data.load_items(path)
-    items, _ = data.load_items(path, encoding="latin-1")
+        load(path)
+    items, _ = load(path, encoding="latin-1")
     assert items[1].question == "café?"
 
 
@@ -123,11 +130,11 @@ def test_missing_and_empty_fields_name_line(tmp_path):
         tmp_path / "d.jsonl", [{"question": "a?", "answer": "b"}, {"question": "c?"}]
     )
     with pytest.raises(QaLabError, match=r"d\.jsonl:2: missing answer"):
-        data.load_items(path)
+        load(path)
     path = write_jsonl(tmp_path / "e.jsonl", [{"question": "a?", "answer": "b"}] * 2)
     path.write_text(path.read_text() + json.dumps({"question": "  ", "answer": "b"}) + "\n")
     with pytest.raises(QaLabError, match=r"e\.jsonl:3: empty question"):
-        data.load_items(path)
+        load(path)
 
 
 def test_duplicate_ids(tmp_path):
@@ -137,7 +144,7 @@ def test_duplicate_ids(tmp_path):
     ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(QaLabError, match=r"d\.jsonl:2: duplicate id 'x' \(first at .*d\.jsonl:1\)"):
-        data.load_items(path)
+        load(path)
 
 
 @pytest.mark.parametrize("name,text", [("d.jsonl", "\n\n"), ("d.csv", "question,answer\n")])
@@ -145,7 +152,7 @@ def test_empty_file(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(QaLabError, match=r"no data rows \(empty file\)"):
-        data.load_items(path)
+        load(path)
 
 
 def test_csv_cp1252_with_encoding(tmp_path):
@@ -153,8 +160,8 @@ def test_csv_cp1252_with_encoding(tmp_path):
     text = 'question,answer,category\n"What’s a “closure”?","A function, with state – née",js\n'
     path.write_bytes(text.encode("cp1252"))
     with pytest.raises(QaLabError, match=r"d\.csv:2: not valid utf-8.*dataset\.encoding="):
-        data.load_items(path)
-    items, mapping = data.load_items(path, encoding="cp1252")
+        load(path)
+    items, mapping = load(path, encoding="cp1252")
     assert items[0].question == "What’s a “closure”?"
     assert items[0].answer == "A function, with state – née"
     assert items[0].topic == "js" and mapping["topic"] == "category"
@@ -164,13 +171,13 @@ def test_csv_row_line_numbers_and_malformed_row(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('question,answer\n"multi\nline?",yes\n\n"q2?",\n')
     with pytest.raises(QaLabError, match=r"d\.csv:5: empty answer"):
-        data.load_items(path)
+        load(path)
     path.write_text('question,answer\n"multi\nline?",\n')
     with pytest.raises(QaLabError, match=r"d\.csv:2: empty answer"):  # where the row starts
-        data.load_items(path)
+        load(path)
     path.write_text("question,answer\na?,b,c\n")
     with pytest.raises(QaLabError, match=r"d\.csv:2: malformed row"):
-        data.load_items(path)
+        load(path)
 
 
 def test_tsv_json_parquet_and_hf_formats(tmp_path):
@@ -188,18 +195,18 @@ def test_tsv_json_parquet_and_hf_formats(tmp_path):
     pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
     for name in ("d.tsv", "d.json", "lines.json", "d.parquet", "hf"):
-        assert data.load_items(tmp_path / name)[0] == expected, name
+        assert load(tmp_path / name)[0] == expected, name
 
 
 def test_bad_format_and_encoding_options(tmp_path):
     path = write_jsonl(tmp_path / "d.txt", [{"question": "a?", "answer": "b"}])
     with pytest.raises(QaLabError, match=r"dataset\.format="):
-        data.load_items(path)
-    assert data.load_items(path, fmt="jsonl")[0][0].question == "a?"
+        load(path)
+    assert load(path, fmt="jsonl")[0][0].question == "a?"
     with pytest.raises(QaLabError, match=r"dataset\.encoding='nope'"):
-        data.load_items(path, fmt="jsonl", encoding="nope")
+        load(path, fmt="jsonl", encoding="nope")
     with pytest.raises(QaLabError, match=r"file not found"):
-        data.load_items(tmp_path / "missing.jsonl")
+        load(tmp_path / "missing.jsonl")
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -449,7 +456,7 @@ def test_reproduces_original_study_preprocessing(tmp_path):
     def plain(items):
         return [{"question": it.question, "answer": it.answer} for it in items]
 
-    items, _ = data.load_items(REFERENCE / "dataset.jsonl")
+    items, _ = load(REFERENCE / "dataset.jsonl")
     assert len(items) == 2070
     items, _ = data.exact_dedup(items, "strip_lower")
     assert plain(items) == pairs("dataset_no_duplicates.jsonl")
