@@ -242,14 +242,6 @@ def _decode(path: Path, encoding: str) -> str:
     data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8) and _is_utf8(encoding):
         data = data[len(codecs.BOM_UTF8) :]  # Excel writes one; it is not part of the header
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise QaLabError(
-            f"{path}:{line}: not valid {encoding} (byte {err.start} of the file); "
-            "set dataset.encoding= to the file's encoding (e.g. dataset.encoding=cp1252)"
-        ) from None
     if not _is_utf8(encoding) and not data.isascii():
         with contextlib.suppress(UnicodeDecodeError):
             data.decode("utf-8")
@@ -259,7 +251,14 @@ def _decode(path: Path, encoding: str) -> str:
                 f"{path}:{line}: the file is UTF-8; reading it as {encoding} would mangle "
                 "its accented characters; drop dataset.encoding= (the default is utf-8)"
             )
-    return text
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise QaLabError(
+            f"{path}:{line}: not valid {encoding} (byte {err.start} of the file); "
+            "set dataset.encoding= to the file's encoding (e.g. dataset.encoding=cp1252)"
+        ) from None
 
 
 def _read_rows(path: Path, fmt: str, encoding: str) -> tuple[list[Row], list[str], list[str]]:
