@@ -657,8 +657,8 @@ def assign_seeds(items: Sequence[QAItem], vectors: np.ndarray, n_seeds: int) -> 
     Returns:
         Items with `seed_id` set (seeds: their own id) and `source` seed / expanded.
     """
-    if not 1 <= n_seeds <= len(items):
-        raise QaLabError(f"dataset.seeds={n_seeds} must be between 1 and the {len(items)} rows")
+    if not isinstance(n_seeds, int) or isinstance(n_seeds, bool) or not 1 <= n_seeds <= len(items):
+        raise QaLabError(f"dataset.seeds={n_seeds} must be a row count between 1 and {len(items)}")
     if any(it.seed_id not in (None, it.id) for it in items):
         raise QaLabError(
             "dataset.seeds and a seed_id column both give lineage; set only one "

@@ -134,9 +134,9 @@ def _build_dataset_into(cfg: DictConfig, key: str, out: Path) -> dict[str, Any]:
     if ds.seeds:
         questions = [it.question for it in items]
         items = data.assign_seeds(
-            items, embed(questions, cfg.embedder.name, cache_dir=cache_dir), int(ds.seeds)
+            items, embed(questions, cfg.embedder.name, cache_dir=cache_dir), ds.seeds
         )
-        lineage = f"dataset.seeds={int(ds.seeds)}"
+        lineage = f"dataset.seeds={ds.seeds}"
     counts: dict[str, int] = {"loaded": len(items)}
     rejects: Counter[str] = Counter()
     if ds.synthesis.backend != "none":

@@ -699,7 +699,7 @@ def test_seeds_n_gives_the_seed_id_columns_lineage(tmp_path):
     assert [it.source for it in with_col] == ["seed"] * 4 + ["expanded"] * 8
     with pytest.raises(QaLabError, match=r"dataset\.seeds and a seed_id column"):
         data.assign_seeds(with_col, embed([it.question for it in with_col]), 4)
-    with pytest.raises(QaLabError, match=r"dataset\.seeds=13 must be between 1 and the 12"):
+    with pytest.raises(QaLabError, match=r"dataset\.seeds=13 must be a row count between 1 and 12"):
         data.assign_seeds(without, embed([it.question for it in without]), 13)
 
 
