@@ -20,6 +20,8 @@ import random
 import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from difflib import SequenceMatcher
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,11 @@ from typing import Any
 import numpy as np
 
 from qa_lab.errors import QaLabError, require_choice
-from qa_lab.jsonl import read_jsonl
 from qa_lab.records import QAItem
 
-FIELDS = ("id", "question", "answer", "topic", "difficulty")
+FIELDS = ("id", "question", "answer", "topic", "difficulty", "seed_id")
 # Lineage fields are carried over by their exact name when a file has them.
-LINEAGE_FIELDS = ("seed_id", "source", "generator")
+LINEAGE_FIELDS = ("source", "generator")
 # Recognised column names, in order of preference. `instruction` comes before `input`
 # because in Alpaca-style files `input` is optional extra context, not the question.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -41,7 +42,9 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "answer": ("answer", "response", "output", "completion", "target", "reference", "a"),
     "topic": ("topic", "category", "subject"),
     "difficulty": ("difficulty", "level"),
+    "seed_id": ("seed_id",),
 }
+BAD_ROW_ACTIONS = ("error", "skip")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "hf")
 EXTENSIONS = {
     ".jsonl": "jsonl",
@@ -66,31 +69,48 @@ Row = dict[str, Any]
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What `load_items` read, with what the caller must report about it."""
+
+    items: list[QAItem]
+    mapping: dict[str, str | None]  # field -> file column (None: not in the file)
+    skipped: dict[str, int]  # reason -> rows dropped under dataset.on_bad_row=skip
+    topics: dict[str, Any]  # mapped topics: spellings merged, near-identical labels
+
+
 def load_items(
     path: str | Path,
     *,
     encoding: str = "utf-8",
     fmt: str = "auto",
     columns: Mapping[str, str | None] | None = None,
-) -> tuple[list[QAItem], dict[str, str | None]]:
-    """Load and validate a QA file, returning the items and the column mapping used.
+    on_bad_row: str = "error",
+    similar_labels: float = 0.85,
+) -> Loaded:
+    """Load and validate a QA file: its items, the column mapping used, skips and topic notes.
 
     The mapping is returned so the caller can print and log which column became which field:
-    auto-recognition is convenient but must never be silent.
+    auto-recognition is convenient but must never be silent. So are skipped rows and topic
+    labels that look like typos of each other.
 
     Args:
         path: A .jsonl/.json/.csv/.tsv/.parquet file or a `datasets.save_to_disk` folder.
         encoding: Text encoding of text formats (`dataset.encoding`).
         fmt: `auto` (from the extension) or one of jsonl, json, csv, tsv, parquet, hf.
-        columns: Field -> column name for id, question, answer, topic, difficulty; a missing
-            or `None` entry means "recognise a common name".
+        columns: Field -> column name for id, question, answer, topic, difficulty, seed_id; a
+            missing or `None` entry means "recognise a common name".
+        on_bad_row: `error` stops at the first row without a usable question or answer;
+            `skip` drops such rows and counts them by reason.
+        similar_labels: Topic labels at least this similar (difflib ratio) are reported.
 
     Returns:
-        The items in file order, and the mapping field -> column (None: not in the file).
+        The items in file order with the mapping, skip counts and topic report.
 
     Raises:
         QaLabError: One line naming the file and line (or row) for any bad input.
     """
+    require_choice("dataset.on_bad_row", on_bad_row, BAD_ROW_ACTIONS)
     path = Path(path)
     fmt = detect_format(path, fmt)
     if fmt != "hf" and path.is_dir():
@@ -101,9 +121,23 @@ def load_items(
     if not rows:
         raise QaLabError(f"{path}: no data rows (empty file); point dataset.source= at a QA file")
     mapping = resolve_columns(fieldnames, columns, source=path)
-    items = [_make_item(row, loc, n, mapping) for n, (row, loc) in enumerate(zip(rows, where), 1)]
-    _check_unique_ids(items, where)
-    return items, mapping
+    items: list[QAItem] = []
+    kept_where: list[str] = []
+    skipped: Counter[str] = Counter()
+    for n, (row, loc) in enumerate(zip(rows, where), 1):
+        try:
+            items.append(_make_item(row, loc, n, mapping))
+        except BadRow as err:
+            if on_bad_row == "error":
+                raise
+            skipped[err.reason] += 1
+            continue
+        kept_where.append(loc)
+    if not items:
+        raise QaLabError(f"{path}: every row was skipped ({dict(skipped)}); check dataset.columns")
+    _check_unique_ids(items, kept_where)
+    items, topics = clean_topics(items, similar_labels) if mapping["topic"] else (items, {})
+    return Loaded(items, mapping, dict(sorted(skipped.items())), topics)
 
 
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
@@ -195,14 +229,28 @@ def _check_encoding(encoding: str) -> None:
 
 
 def _is_utf8(encoding: str) -> bool:
-    return codecs.lookup(encoding).name == "utf-8"
+    return codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
 
 
 def _decode(path: Path, encoding: str) -> str:
-    """Decode a whole text file, naming the line of the first bad byte."""
+    """Decode a whole text file, naming the line of the first bad byte.
+
+    A UTF-8 file read as a single-byte Windows encoding would decode without error into
+    mojibake ("café" -> "cafÃ©"), so a non-UTF-8 encoding is refused for text that is valid
+    UTF-8 with non-ASCII characters: real cp1252 text practically never is.
+    """
     data = path.read_bytes()
-    if _is_utf8(encoding) and data.startswith(codecs.BOM_UTF8):
+    if data.startswith(codecs.BOM_UTF8) and _is_utf8(encoding):
         data = data[len(codecs.BOM_UTF8) :]  # Excel writes one; it is not part of the header
+    if not _is_utf8(encoding) and not data.isascii():
+        with contextlib.suppress(UnicodeDecodeError):
+            data.decode("utf-8")
+            first = next(i for i, byte in enumerate(data) if byte > 0x7F)
+            line = data[:first].count(b"\n") + 1
+            raise QaLabError(
+                f"{path}:{line}: the file is UTF-8; reading it as {encoding} would mangle "
+                "its accented characters; drop dataset.encoding= (the default is utf-8)"
+            )
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as err:
@@ -234,15 +282,24 @@ def _fieldnames(rows: Sequence[Row]) -> list[str]:
 
 
 def _read_jsonl_rows(path: Path, encoding: str) -> tuple[list[Row], list[str], list[str]]:
-    with open(path, "rb") as fh:
-        has_bom = fh.read(3) == codecs.BOM_UTF8
-    if has_bom and _is_utf8(encoding):
-        encoding = "utf-8-sig"
-    rows = read_jsonl(path, encoding=encoding)
-    # read_jsonl skips blank lines; recover each row's 1-based line for later messages.
-    with open(path, "rb") as fh:
-        lines = [n for n, raw in enumerate(fh, 1) if raw.decode(encoding).strip()]
-    return rows, [f"{path}:{n}" for n in lines], _fieldnames(rows)
+    text = _decode(path, encoding)
+    rows: list[Row] = []
+    where: list[str] = []
+    # split("\n"), not splitlines(): U+2028 and friends are legal inside JSON strings.
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QaLabError(
+                f"{path}:{n}: malformed JSON ({err.msg}); every line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise QaLabError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"{path}:{n}")
+    return rows, where, _fieldnames(rows)
 
 
 def _read_json_rows(path: Path, encoding: str) -> tuple[list[Row], list[str], list[str]]:
@@ -269,6 +326,9 @@ def _read_csv_rows(
     path: Path, encoding: str, delimiter: str
 ) -> tuple[list[Row], list[str], list[str]]:
     text = _decode(path, encoding)
+    header_line = text.lstrip().split("\n", 1)[0]
+    if delimiter == "," and "," not in header_line and ";" in header_line:
+        delimiter = ";"  # spreadsheets in many locales export CSV with semicolons
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[Row] = []
     where: list[str] = []
@@ -334,6 +394,14 @@ def _read_hf_rows(path: Path) -> tuple[list[Row], list[str], list[str]]:
     return rows, where, names
 
 
+class BadRow(QaLabError):
+    """A row without a usable question or answer; `reason` counts it under on_bad_row=skip."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(f"{message}; fix the row or set dataset.on_bad_row=skip")
+        self.reason = reason
+
+
 def _cell(value: Any) -> Any:
     """Missing cells (None, NaN, empty CSV cell) become None."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -347,32 +415,47 @@ def _as_text(value: Any, fld: str, loc: str) -> str | None:
         return value
     if isinstance(value, Number) and not isinstance(value, bool):
         return str(value)
-    raise QaLabError(f"{loc}: {fld} must be text, got {type(value).__name__}")
+    raise BadRow(f"{loc}: {fld} must be text, got {type(value).__name__}", f"not_text_{fld}")
+
+
+def _answers(value: Any, loc: str) -> list[str] | None:
+    """One answer, or several references when the cell holds a list (JSON, Parquet, HF)."""
+    if not isinstance(value, list | tuple):
+        text = _as_text(value, "answer", loc)
+        return None if text is None else [text]
+    texts = [_as_text(v, "answer", loc) for v in value]
+    return [t for t in texts if t is not None and t.strip()] or [""]
 
 
 def _make_item(row: Row, loc: str, n: int, mapping: Mapping[str, str | None]) -> QAItem:
     values: dict[str, str | None] = {}
     for fld, column in mapping.items():
-        values[fld] = None if column is None else _as_text(row.get(column), fld, loc)
-    for fld in ("question", "answer"):
-        text = values[fld]
+        if fld != "answer":
+            values[fld] = None if column is None else _as_text(row.get(column), fld, loc)
+    answers = _answers(row.get(mapping["answer"] or ""), loc)
+    for fld, text in (("question", values["question"]), ("answer", answers and answers[0])):
         if text is None:
-            raise QaLabError(f"{loc}: missing {fld} (column {mapping[fld]!r})")
+            raise BadRow(f"{loc}: missing {fld} (column {mapping[fld]!r})", f"missing_{fld}")
         if not text.strip():
-            raise QaLabError(f"{loc}: empty {fld} (column {mapping[fld]!r})")
+            raise BadRow(f"{loc}: empty {fld} (column {mapping[fld]!r})", f"empty_{fld}")
+    assert answers is not None  # checked above
     item_id = (values["id"] or "").strip() or f"row-{n:05d}"
     lineage = {k: _as_text(row.get(k), k, loc) for k in LINEAGE_FIELDS}
-    source = (lineage["source"] or "").strip() or "seed"
-    seed_id = (lineage["seed_id"] or "").strip() or (item_id if source == "seed" else None)
+    seed_id = (values["seed_id"] or "").strip() or None
+    # A row whose seed is another row was expanded from it; any other row is its own seed.
+    source = (lineage["source"] or "").strip() or (
+        "seed" if seed_id in (None, item_id) else "expanded"
+    )
     return QAItem(
         id=item_id,
         question=values["question"],  # type: ignore[arg-type]  # checked above
-        answer=values["answer"],  # type: ignore[arg-type]
-        topic=(values["topic"] or "").strip(),
+        answer=answers[0],
+        topic=" ".join((values["topic"] or "").split()),
         difficulty=(values["difficulty"] or "").strip(),
-        seed_id=seed_id,
+        seed_id=seed_id or (item_id if source == "seed" else None),
         source=source,
         generator=(lineage["generator"] or "").strip() or None,
+        references=tuple(answers) if len(answers) > 1 else None,
     )
 
 
@@ -384,6 +467,220 @@ def _check_unique_ids(items: Sequence[QAItem], where: Sequence[str]) -> None:
                 f"{loc}: duplicate id {item.id!r} (first at {first[item.id]}); ids must be unique"
             )
         first[item.id] = loc
+
+
+# --------------------------------------------------------------------------- topics, lineage
+
+
+def _label_key(label: str) -> str:
+    return " ".join(label.split()).casefold()
+
+
+def clean_topics(
+    items: Sequence[QAItem], similar: float = 0.85
+) -> tuple[list[QAItem], dict[str, Any]]:
+    """Unify spellings of mapped topics that differ only in case or spacing; report look-alikes.
+
+    "Networking", "networking " and "NETWORKING" are one topic (the most frequent spelling
+    wins, then the first seen), because a per-topic breakdown split three ways by a
+    spreadsheet's typing says nothing. Labels that are merely similar ("network" and
+    "networks", "data structures" and "data_structures") may be different topics, so they
+    are reported for the user to fix in the file, never merged.
+
+    Args:
+        items: Loaded items with their topic cells (whitespace already collapsed).
+        similar: difflib ratio at or above which two distinct labels are reported.
+
+    Returns:
+        Items with `topic_source="mapped"` where they have a topic, and a JSON-ready report:
+        `source`, `merged` (spelling -> label used), `similar` ([a, b, ratio] pairs), `labels`
+        (label -> rows).
+    """
+    spellings: dict[str, Counter[str]] = {}
+    for item in items:
+        if item.topic:
+            spellings.setdefault(_label_key(item.topic), Counter())[item.topic] += 1
+    chosen = {key: counts.most_common(1)[0][0] for key, counts in spellings.items()}
+    merged = {
+        spelling: chosen[key]
+        for key, counts in spellings.items()
+        for spelling in counts
+        if spelling != chosen[key]
+    }
+    out = [
+        replace(it, topic=chosen[_label_key(it.topic)], topic_source="mapped") if it.topic else it
+        for it in items
+    ]
+    labels = Counter(it.topic for it in out if it.topic)
+    report = {
+        "source": "mapped",
+        "merged": merged,
+        "similar": similar_labels(list(labels), similar),
+        "labels": dict(labels.most_common()),
+    }
+    return out, report
+
+
+def similar_labels(labels: Sequence[str], threshold: float = 0.85) -> list[list[Any]]:
+    """Pairs of distinct labels that look like one label typed two ways.
+
+    Two labels are flagged when they are equal once spaces, underscores, hyphens and other
+    punctuation are removed, or when their difflib ratio is at least `threshold`.
+
+    Returns:
+        [label_a, label_b, ratio] rows, in label order.
+    """
+    squashed = ["".join(ch for ch in _label_key(lab) if ch.isalnum()) for lab in labels]
+    pairs: list[list[Any]] = []
+    for i, a in enumerate(labels):
+        for j in range(i + 1, len(labels)):
+            matcher = SequenceMatcher(None, _label_key(a), _label_key(labels[j]))
+            if squashed[i] == squashed[j] or (
+                matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold
+            ):
+                pairs.append([a, labels[j], round(matcher.ratio(), 3)])
+    return pairs
+
+
+def infer_topics(
+    items: Sequence[QAItem],
+    vectors: np.ndarray,
+    *,
+    min_k: int = 2,
+    max_k: int = 12,
+    seed: int = 42,
+    terms: int = 3,
+) -> tuple[list[QAItem], dict[str, Any]]:
+    """Topics for data without a topic column: k-means on the question embeddings.
+
+    Per-topic breakdowns are a headline result, so they must exist for any file. k is the
+    value in [min_k, max_k] with the best silhouette (seeded k-means, so the same data
+    gives the same topics); each topic is named by the TF-IDF terms that are most
+    characteristic of its questions (cluster mean minus corpus mean), joined with `-` so the
+    name is a valid MLflow metric path segment.
+
+    Args:
+        items: Items in file order.
+        vectors: (n, d) unit-normalised question embeddings, row for row.
+        min_k: Fewest topics tried (`dataset.topics.min_k`, >= 2).
+        max_k: Most topics tried (`dataset.topics.max_k`); capped at n - 1.
+        seed: k-means and silhouette sampling seed.
+        terms: Terms in each topic's name.
+
+    Returns:
+        Items with `topic` and `topic_source="inferred"`, and a JSON-ready report: `source`,
+        `k`, `silhouette` (k -> score), `labels` (name -> rows), `terms` (name -> terms).
+    """
+    if not 2 <= int(min_k) <= int(max_k):
+        raise QaLabError(
+            f"dataset.topics.min_k={min_k} and dataset.topics.max_k={max_k} must satisfy "
+            "2 <= min_k <= max_k"
+        )
+    if int(terms) < 1:
+        raise QaLabError(f"dataset.topics.terms={terms} must be at least 1")
+    x = _as_matrix(vectors)
+    if len(x) != len(items):
+        raise ValueError(f"{len(x)} vectors for {len(items)} items")
+    scores, labels = _best_kmeans(x, int(min_k), min(int(max_k), len(items) - 1), int(seed))
+    names = _topic_names([it.question for it in items], labels, int(terms))
+    out = [
+        replace(it, topic=names[label], topic_source="inferred") for it, label in zip(items, labels)
+    ]
+    counts = Counter(it.topic for it in out)
+    report = {
+        "source": "inferred",
+        "k": len(names),
+        "silhouette": {str(k): round(v, 4) for k, v in scores.items()},
+        "labels": dict(counts.most_common()),
+        "terms": {name: name.split("-") for name in names},
+    }
+    return out, report
+
+
+def _best_kmeans(
+    x: np.ndarray, min_k: int, max_k: int, seed: int
+) -> tuple[dict[int, float], np.ndarray]:
+    """Silhouette per k and the labels of the best k, renumbered by first appearance."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    scores: dict[int, float] = {}
+    best = np.zeros(len(x), dtype=np.int64)  # too few distinct questions: one topic
+    best_k = 0
+    distinct = len(np.unique(x.round(6), axis=0))
+    for k in range(min_k, min(max_k, distinct - 1) + 1):
+        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)
+        sample = min(len(x), 4000)  # silhouette is O(n^2): a seeded sample bounds it
+        try:
+            scores[k] = float(silhouette_score(x, labels, sample_size=sample, random_state=seed))
+        except ValueError:  # the sample fell into one cluster
+            continue
+        if not best_k or scores[k] > scores[best_k]:  # ties: the fewer topics
+            best_k, best = k, labels
+    order = {label: i for i, label in enumerate(dict.fromkeys(best.tolist()))}
+    return scores, np.array([order[label] for label in best.tolist()], dtype=np.int64)
+
+
+def _topic_names(questions: Sequence[str], labels: np.ndarray, terms: int) -> list[str]:
+    """Name each cluster by its most characteristic TF-IDF terms; names are unique."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    k = int(labels.max()) + 1
+    try:
+        tfidf = TfidfVectorizer(stop_words="english", sublinear_tf=True).fit(questions)
+        matrix = tfidf.transform(questions)
+    except ValueError:  # no usable words at all (numbers, stop words only)
+        return [f"topic-{c + 1}" for c in range(k)]
+    vocab = tfidf.get_feature_names_out()
+    overall = np.asarray(matrix.mean(axis=0)).ravel()
+    names: list[str] = []
+    for c in range(k):
+        lift = np.asarray(matrix[labels == c].mean(axis=0)).ravel() - overall
+        top = [vocab[t] for t in np.argsort(-lift, kind="stable")[:terms] if lift[t] > 0]
+        name = "-".join(top) or f"topic-{c + 1}"
+        names.append(name if name not in names else f"{name}-{c + 1}")
+    return names
+
+
+def assign_seeds(items: Sequence[QAItem], vectors: np.ndarray, n_seeds: int) -> list[QAItem]:
+    """`dataset.seeds=N`: the first N rows are seeds; every later row joins its nearest seed.
+
+    A dataset expanded elsewhere (seeds first, then their paraphrases) carries no lineage;
+    the most similar seed question is the best evidence of which seed a row came from, and
+    it makes the group split and the seed-clustered statistics treat a seed's family as one.
+
+    Args:
+        items: Loaded items in file order.
+        vectors: (n, d) unit-normalised question embeddings, row for row.
+        n_seeds: How many leading rows are seeds.
+
+    Returns:
+        Items with `seed_id` set (seeds: their own id) and `source` seed / expanded.
+    """
+    if not isinstance(n_seeds, int) or isinstance(n_seeds, bool) or not 1 <= n_seeds <= len(items):
+        raise QaLabError(f"dataset.seeds={n_seeds} must be a row count between 1 and {len(items)}")
+    if any(it.seed_id not in (None, it.id) for it in items):
+        raise QaLabError(
+            "dataset.seeds and a seed_id column both give lineage; set only one "
+            "(dataset.seeds=null or drop dataset.columns.seed_id)"
+        )
+    x = _as_matrix(vectors)
+    if len(x) != len(items):
+        raise ValueError(f"{len(x)} vectors for {len(items)} items")
+    seeds = [replace(it, seed_id=it.id, source="seed") for it in items[:n_seeds]]
+    rest = items[n_seeds:]
+    nearest = np.concatenate(
+        [
+            np.argmax(x[start : start + _ROW_BLOCK] @ x[:n_seeds].T, axis=1)
+            for start in range(n_seeds, len(items), _ROW_BLOCK)
+        ]
+        or [np.zeros(0, dtype=np.int64)]
+    )
+    expanded = [
+        replace(it, seed_id=seeds[j].id, source="expanded" if it.source == "seed" else it.source)
+        for it, j in zip(rest, nearest.tolist())
+    ]
+    return seeds + expanded
 
 
 # --------------------------------------------------------------------------- normalisation

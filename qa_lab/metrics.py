@@ -12,6 +12,10 @@ Conventions that follow the original study (HF `evaluate`'s "bleu" and "rouge"):
 - ROUGE-L is the plain mean of per-item F1. HF's `rouge` reports the median of 1000 unseeded
   bootstrap means instead, which moves the 4th decimal from run to run.
 
+Items with several references (a list answer): BLEU uses them all (sacrebleu's multi-reference
+n-gram clipping and closest reference length), ROUGE-L F1, EM and token F1 take the best
+reference, as SQuAD does. BERTScore, length ratio and retrieval compare with the first reference.
+
 BERTScore is loaded lazily (torch/transformers only when the semantic group is asked for).
 """
 
@@ -166,24 +170,37 @@ def normalize_answer(text: str) -> str:
 
 _PUNCTUATION = frozenset(string.punctuation)
 
+# One reference, or several (the item is scored against the best / all of them).
+Reference = str | Sequence[str]
 
-def exact_match(prediction: str, reference: str, mode: str = "squad") -> float:
-    """1.0 when the prediction equals the reference after normalisation, else 0.0.
+
+def _ref_list(reference: Reference) -> list[str]:
+    return [reference] if isinstance(reference, str) else list(reference)
+
+
+def exact_match(prediction: str, reference: Reference, mode: str = "squad") -> float:
+    """1.0 when the prediction equals the (or any) reference after normalisation, else 0.0.
 
     `mode="squad"` uses `normalize_answer`; `mode="strip_lower"` only strips and lowercases,
     which is what the original study did (so its EM is stricter about punctuation).
     """
     require_choice("metrics.exact_match", mode, EXACT_MATCH_MODES)
     if mode == "strip_lower":
-        return float(prediction.strip().lower() == reference.strip().lower())
-    return float(normalize_answer(prediction) == normalize_answer(reference))
+        key = prediction.strip().lower()
+        return float(any(key == r.strip().lower() for r in _ref_list(reference)))
+    key = normalize_answer(prediction)
+    return float(any(key == normalize_answer(r) for r in _ref_list(reference)))
 
 
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD v1.1 token F1 over normalised bag-of-words overlap (0 when nothing overlaps).
+def token_f1(prediction: str, reference: Reference) -> float:
+    """SQuAD v1.1 token F1, the best over several references (0 when nothing overlaps).
 
     As in the official script, two empty strings score 0, not 1.
     """
+    return max(_token_f1(prediction, r) for r in _ref_list(reference))
+
+
+def _token_f1(prediction: str, reference: str) -> float:
     pred_tokens = normalize_answer(prediction).split()
     ref_tokens = normalize_answer(reference).split()
     common = Counter(pred_tokens) & Counter(ref_tokens)
@@ -203,16 +220,16 @@ def _rouge_scorer(stemmer: bool) -> Any:
 
 
 def rouge_l_f1(
-    predictions: Sequence[str], references: Sequence[str], *, stemmer: bool = True
+    predictions: Sequence[str], references: Sequence[Reference], *, stemmer: bool = True
 ) -> list[float]:
-    """ROUGE-L F1 per item with rouge_score's tokenizer (lowercase ASCII alphanumerics).
+    """ROUGE-L F1 per item (the best reference) with rouge_score's tokenizer.
 
-    rouge_score drops every non-ASCII-alphanumeric character, so text in other scripts scores 0;
+    rouge_score keeps lowercase ASCII alphanumerics only, so text in other scripts scores 0;
     `stemmer` applies Porter stemming to tokens longer than 3 characters.
     """
     scorer = _rouge_scorer(bool(stemmer))
     return [
-        float(scorer.score(ref, pred)["rougeL"].fmeasure)
+        max(float(scorer.score(r, pred)["rougeL"].fmeasure) for r in _ref_list(ref))
         for pred, ref in zip(predictions, references)
     ]
 
@@ -237,12 +254,12 @@ class BleuScores:
 
 def bleu_scores(
     predictions: Sequence[str],
-    references: Sequence[str],
+    references: Sequence[Reference],
     *,
     tokenize: str = "13a",
     smooth: str = "none",
 ) -> BleuScores:
-    """Corpus BLEU-4 (sacrebleu, one reference per item) plus sentence BLEU per item.
+    """Corpus BLEU-4 (sacrebleu, one or several references per item) plus sentence BLEU per item.
 
     Corpus BLEU uses the configured smoothing (`none` reproduces HF `evaluate`'s bleu).
     Sentence BLEU always uses sacrebleu's sentence defaults (exp smoothing, effective order):
@@ -256,16 +273,20 @@ def bleu_scores(
     require_choice("metrics.bleu_tokenize", tokenize, tuple(BLEU.TOKENIZERS))
     if len(predictions) != len(references):
         raise ValueError("predictions and references differ in length")
+    ref_lists = [_ref_list(r) for r in references]
     if tokenize == "13a":
         predictions = [_hf_13a_compat(p) for p in predictions]
-        references = [_hf_13a_compat(r) for r in references]
+        ref_lists = [[_hf_13a_compat(r) for r in refs] for refs in ref_lists]
+    # sacrebleu takes one stream per reference position; None pads items with fewer.
+    width = max((len(refs) for refs in ref_lists), default=1)
+    streams = [[refs[j] if j < len(refs) else None for refs in ref_lists] for j in range(width)]
     corpus_metric = BLEU(tokenize=tokenize, smooth_method=smooth)
-    corpus = corpus_metric.corpus_score(list(predictions), [list(references)])
+    corpus = corpus_metric.corpus_score(list(predictions), streams)
     sentence_metric = BLEU(tokenize=tokenize, smooth_method="exp", effective_order=True)
     sentence: list[float] = []
     stats = np.zeros((len(predictions), len(BLEU_STATS_COLUMNS)), dtype=np.int64)
-    for row, (pred, ref) in enumerate(zip(predictions, references)):
-        score = sentence_metric.sentence_score(pred, [ref])
+    for row, (pred, refs) in enumerate(zip(predictions, ref_lists)):
+        score = sentence_metric.sentence_score(pred, refs)
         sentence.append(score.score / 100.0)
         stats[row] = [score.sys_len, score.ref_len, *score.counts, *score.totals]
     return BleuScores(
@@ -665,6 +686,17 @@ def _means(per_item: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _row_references(row: Mapping[str, Any], index: int) -> list[str]:
+    """`references` (a list) when the row has several, else its one `reference`."""
+    refs = row.get("references")
+    if isinstance(refs, list | tuple) and refs:
+        return [str(r) for r in refs]
+    reference = row.get("reference")
+    if isinstance(reference, list | tuple) and reference:
+        return [str(r) for r in reference]
+    return [_row_text(row, "reference", index)]
+
+
 def _row_text(row: Mapping[str, Any], key: str, index: int) -> str:
     value = row.get(key)
     if value is None:
@@ -697,7 +729,8 @@ def score_items(
     if not rows:
         raise QaLabError("metrics: no items to score")
     predictions = [_row_text(r, "prediction", i) for i, r in enumerate(rows)]
-    references = [_row_text(r, "reference", i) for i, r in enumerate(rows)]
+    ref_lists = [_row_references(r, i) for i, r in enumerate(rows)]
+    references = [refs[0] for refs in ref_lists]  # the first: BERTScore, length, retrieval
     for i, r in enumerate(rows):
         _row_text(r, "question", i)
     per_item: list[dict[str, float]] = [{} for _ in rows]
@@ -713,21 +746,21 @@ def score_items(
     if "lexical" in groups:
         smooth = str(_need(cfg, "bleu_smooth"))
         bleu = bleu_scores(
-            predictions, references, tokenize=str(_need(cfg, "bleu_tokenize")), smooth=smooth
+            predictions, ref_lists, tokenize=str(_need(cfg, "bleu_tokenize")), smooth=smooth
         )
         corpus["bleu"] = bleu.corpus
         corpus["bleu_signature"] = bleu.signature
         result.bleu_stats, result.bleu_smooth = bleu.stats, smooth
         _put(per_item, "sentence_bleu", bleu.sentence)
         stemmer = bool(_need(cfg, "rouge_stemmer"))
-        _put(per_item, "rougeL_f1", rouge_l_f1(predictions, references, stemmer=stemmer))
+        _put(per_item, "rougeL_f1", rouge_l_f1(predictions, ref_lists, stemmer=stemmer))
         mode = require_choice("metrics.exact_match", _need(cfg, "exact_match"), EXACT_MATCH_MODES)
         _put(
             per_item,
             "exact_match",
-            (exact_match(p, r, mode) for p, r in zip(predictions, references)),
+            (exact_match(p, r, mode) for p, r in zip(predictions, ref_lists)),
         )
-        _put(per_item, "token_f1", (token_f1(p, r) for p, r in zip(predictions, references)))
+        _put(per_item, "token_f1", (token_f1(p, r) for p, r in zip(predictions, ref_lists)))
 
     if "semantic" in groups:
         bs_cfg = _need(cfg, "bertscore")

@@ -18,6 +18,9 @@ class QAItem:
     seed_id: str | None = None
     source: str = "seed"
     generator: str | None = None
+    # All reference answers when the file gives several (`answer` is the first); None: one.
+    references: tuple[str, ...] | None = None
+    topic_source: str | None = None  # mapped (a file column) | inferred (clustered questions)
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise with `None` fields dropped, so files stay minimal and hashes stable."""
@@ -27,6 +30,8 @@ class QAItem:
     def from_dict(cls, row: dict[str, Any]) -> QAItem:
         """Build from a dict that carries at least id, question and answer."""
         known = {k: row[k] for k in cls.__dataclass_fields__ if k in row}
+        if known.get("references") is not None:
+            known["references"] = tuple(known["references"])  # JSON gives a list
         return cls(**known)
 
 

@@ -32,7 +32,7 @@ from qa_lab.errors import QaLabError, require_choice
 from qa_lab.jsonl import read_jsonl, write_json, write_jsonl
 from qa_lab.records import QAItem
 
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: topic_source, references, seed lineage in the rows
 TRAIN_VERSION = 1
 SPLITS = ("train", "val", "test")
 COUNT_ORDER = (
@@ -117,10 +117,28 @@ def _build_dataset_into(cfg: DictConfig, key: str, out: Path) -> dict[str, Any]:
     require_choice("dataset.split.strategy", ds.split.strategy, ("group", "random"))
     require_choice("dataset.synthesis.backend", ds.synthesis.backend, ("none", "local", "openai"))
     columns = {k: v for k, v in to_dict(ds.columns).items() if v}
-    items, mapping = data.load_items(
-        ds.source, encoding=ds.encoding, fmt=ds.format, columns=columns or None
+    loaded = data.load_items(
+        ds.source,
+        encoding=ds.encoding,
+        fmt=ds.format,
+        columns=columns or None,
+        on_bad_row=ds.on_bad_row,
+        similar_labels=float(ds.topics.similar_labels),
     )
+    items, mapping = loaded.items, loaded.mapping
     print(f"dataset: {len(items)} rows from {ds.source} (columns: {mapping})", flush=True)
+    if loaded.skipped:
+        print(f"dataset: skipped {sum(loaded.skipped.values())} bad rows {loaded.skipped}")
+    for a, b, ratio in loaded.topics.get("similar", []):
+        print(f"dataset: topics {a!r} and {b!r} look alike ({ratio}); not merged")
+    cache_dir = Path(cfg.paths.cache)
+    lineage = "seed_id column" if mapping["seed_id"] else "near-duplicate clusters"
+    if ds.seeds:
+        questions = [it.question for it in items]
+        items = data.assign_seeds(
+            items, embed(questions, cfg.embedder.name, cache_dir=cache_dir), ds.seeds
+        )
+        lineage = f"dataset.seeds={ds.seeds}"
     counts: dict[str, int] = {"loaded": len(items)}
     rejects: Counter[str] = Counter()
     if ds.synthesis.backend != "none":
@@ -131,7 +149,6 @@ def _build_dataset_into(cfg: DictConfig, key: str, out: Path) -> dict[str, Any]:
     counts["before_dedup"] = len(items)
     items, exact_pairs = data.exact_dedup(items, ds.normalize)
     counts["after_exact_dedup"] = len(items)
-    cache_dir = Path(cfg.paths.cache)
     vectors = embed(
         [it.question for it in items],
         cfg.embedder.name,
@@ -164,6 +181,11 @@ def _build_dataset_into(cfg: DictConfig, key: str, out: Path) -> dict[str, Any]:
     items = [items[i] for i in kept]
     vectors = vectors[kept]
     counts["after_semantic_dedup"] = len(items)
+    topics = loaded.topics
+    if not mapping["topic"] and ds.topics.infer:
+        opts = {k: int(ds.topics[k]) for k in ("min_k", "max_k", "seed", "terms")}
+        items, topics = data.infer_topics(items, vectors, **opts)
+        print(f"dataset: {topics['k']} topics inferred: {', '.join(topics['labels'])}")
     groups = None
     if ds.split.strategy == "group":
         groups = data.lineage_groups(items, vectors, float(ds.split.group_threshold))
@@ -192,7 +214,10 @@ def _build_dataset_into(cfg: DictConfig, key: str, out: Path) -> dict[str, Any]:
         "key": key,
         "counts": counts,
         "rejects": dict(rejects),
+        "skipped": loaded.skipped,
         "columns": mapping,
+        "topics": topics,
+        "lineage": lineage,
         "config": to_dict(ds),
         "embedder": cfg.embedder.name,
         "version": DATA_VERSION,
@@ -280,9 +305,21 @@ def read_split(folder: Path, name: str) -> list[QAItem]:
 
 def _log_dataset_run(cfg: DictConfig, folder: Path, key: str) -> None:
     manifest = read_manifest(folder)
-    with tracking.start_run(cfg, stage="dataset", key=key, tags={"data_key": key}):
+    topics = manifest.get("topics") or {}
+    tags = {
+        "data_key": key,
+        "topic_source": topics.get("source", "none"),
+        "lineage": manifest.get("lineage", ""),
+    }
+    with tracking.start_run(cfg, stage="dataset", key=key, tags=tags):
         tracking.log_metrics({f"count/{k}": v for k, v in manifest["counts"].items()})
         tracking.log_metrics({f"rejects/{k}": v for k, v in manifest["rejects"].items()})
+        tracking.log_metrics({f"skipped/{k}": v for k, v in manifest.get("skipped", {}).items()})
+        tracking.log_params({f"mapping.{k}": v for k, v in manifest["columns"].items()})
+        tracking.log_dict(topics, "topics.json")
+        silhouettes = topics.get("silhouette", {})
+        tracking.log_metrics({f"topics/silhouette_k{k}": v for k, v in silhouettes.items()})
+        tracking.log_metrics({"topics/k": topics["k"]} if "k" in topics else {})
         for name in SPLITS:
             rows = read_jsonl(folder / f"{name}.jsonl")
             tracking.log_input(rows, f"{name}-{key[:8]}", name, manifest["files"][f"{name}.jsonl"])
@@ -291,10 +328,10 @@ def _log_dataset_run(cfg: DictConfig, folder: Path, key: str) -> None:
         tracking.log_artifacts(folder / "leakage_audit.json")
         tracking.log_metrics(_leakage_metrics(folder))
         tracking.log_artifacts(folder / "manifest.json")
-        tracking.log_figure(_topic_figure(folder), "topic_distribution.png")
+        tracking.log_figure(_topic_figure(folder, topics.get("source")), "topic_distribution.png")
 
 
-def _topic_figure(folder: Path) -> Any:
+def _topic_figure(folder: Path, source: str | None) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,7 +348,7 @@ def _topic_figure(folder: Path) -> Any:
         ax.bar(topics, values, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_ylabel("rows")
-    ax.set_title("Topic distribution per split")
+    ax.set_title(f"Topic distribution per split ({source or 'no'} topics)")
     ax.legend()
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
@@ -464,7 +501,7 @@ def eval_set_hash(items: list[QAItem]) -> str:
     """Identity of an evaluation set: item ids, questions and references, in order."""
     from qa_lab.cache import stable_hash
 
-    return stable_hash([[it.id, it.question, it.answer] for it in items])
+    return stable_hash([[it.id, it.question, it.answer, *(it.references or ())] for it in items])
 
 
 def evaluate(cfg: DictConfig) -> str:
@@ -580,6 +617,7 @@ def _answer_rows(
             "item_id": it.id,
             "question": it.question,
             "reference": it.answer,
+            **({"references": list(it.references)} if it.references else {}),
             "prediction": p.prediction,
             "topic": it.topic,
             "seed_id": it.seed_id or it.id,

@@ -423,3 +423,24 @@ def test_copy_rate_flags_answers_lifted_from_the_retrieved_passages():
     assert result.corpus["copy_rate"] == pytest.approx(0.5)
     strict = metrics.score_items(rows, metrics_cfg(groups=["retrieval"], copy_threshold=1.01))
     assert strict.corpus["copy_rate"] == 0.0
+
+
+def test_several_references_use_the_best_or_all():
+    preds = ["the cat sat on the mat", "a dog barked"]
+    refs = [["a completely different text here", "the cat sat on the mat"], "a dog barked"]
+    assert metrics.exact_match(preds[0], refs[0]) == 1.0
+    assert metrics.exact_match(preds[0], refs[0][0]) == 0.0
+    assert metrics.token_f1(preds[0], refs[0]) == 1.0
+    assert metrics.rouge_l_f1(preds, refs) == [1.0, 1.0]
+    both = metrics.bleu_scores(preds, refs)
+    first_only = metrics.bleu_scores(preds, [refs[0][0], refs[1]])
+    assert both.corpus == pytest.approx(1.0) and first_only.corpus < 0.5
+    assert both.sentence[0] == pytest.approx(1.0)
+    assert metrics.corpus_bleu_from_stats(both.stats) == pytest.approx(both.corpus)
+    rows = [
+        {"question": "q1", "prediction": preds[0], "reference": refs[0][0], "references": refs[0]},
+        {"question": "q2", "prediction": preds[1], "reference": refs[1]},
+    ]
+    scored = metrics.score_items(rows, metrics_cfg(groups=["lexical", "diagnostics"]))
+    assert scored.column("exact_match").tolist() == [1.0, 1.0]
+    assert scored.per_item[0]["length_ratio"] == pytest.approx(6 / 5)  # the first reference
