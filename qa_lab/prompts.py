@@ -54,6 +54,32 @@ def sft_example(
     }
 
 
+def fit_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages in a form the model's chat template accepts.
+
+    Some templates (Mistral-7B-Instruct-v0.2's) raise on a system turn. For those the system
+    text goes on top of the first user turn, the way their model cards prompt them, so every
+    model sees the same instructions.
+    """
+    if not messages or messages[0]["role"] != "system" or _takes_system(tokenizer):
+        return messages
+    system, first, *rest = messages
+    return [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+
+
+def _takes_system(tokenizer: Any) -> bool:
+    from jinja2.exceptions import TemplateError
+
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    try:
+        tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        return False
+    return True
+
+
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """Prompt text exactly as the model sees it, ending where the assistant turn starts."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        fit_template(tokenizer, messages), tokenize=False, add_generation_prompt=True
+    )
