@@ -225,11 +225,14 @@ def synthesize(cfg: DictConfig, seeds: list[QAItem]) -> tuple[list[QAItem], Coun
         }
     )
     if syn.backend == "openai":
-        prompt_texts = [json.dumps(m) for m in messages]
+        from qa_lab.generation import chat_request
+
+        # one seed per sample: the server would otherwise return one answer per seed row
+        prompt_texts = [chat_request(m, params.seed + j) for m, (_, j) in zip(messages, jobs)]
         model_key = f"openai:{syn.model}"
 
         def make() -> Any:
-            return OpenAIGenerator(syn.base_url, syn.model, params, api_key_env=syn.api_key_env)
+            return OpenAIGenerator.from_cfg(syn, "dataset.synthesis", params, syn.model)
     else:
         from qa_lab import models
 
@@ -471,7 +474,7 @@ def eval_set_hash(items: list[QAItem]) -> str:
 def evaluate(cfg: DictConfig) -> str:
     """Generate answers for the eval split under this config, score them, log one run."""
     from qa_lab import metrics, models
-    from qa_lab.generation import GenParams, LocalGenerator, generate_cached
+    from qa_lab.generation import GenParams, LocalGenerator, OpenAIGenerator, generate_cached
 
     metrics.validate_groups(list(cfg.metrics.groups))
     require_choice("eval.split", cfg.eval.split, ("test", "val"))
@@ -489,15 +492,26 @@ def evaluate(cfg: DictConfig) -> str:
         model_key = f"lora:{train_key_}"
     retriever = _retriever(cfg, data_folder)
     passages = retriever.search([it.question for it in items])
-    tokenizer = models.load_tokenizer(cfg.llm, cfg.paths.models)
     messages = [
         prompts.build_messages(
             it.question, ps, system=cfg.prompt.system, context_header=cfg.prompt.context_header
         )
         for it, ps in zip(items, passages)
     ]
-    prompt_texts = [prompts.render_prompt(tokenizer, m) for m in messages]
     params = GenParams.from_cfg(cfg.generation, int(cfg.seed))
+    backend = require_choice("llm.backend", cfg.llm.get("backend", "local"), ("local", "openai"))
+    if backend == "openai":
+        from qa_lab.generation import chat_request
+
+        served = served_model(cfg, adapter)
+        model_key = f"openai:{served}:{model_key}"
+        prompt_texts = [chat_request(m) for m in messages]
+    else:
+        tokenizer = models.load_tokenizer(cfg.llm, cfg.paths.models)
+        prompt_texts = [prompts.render_prompt(tokenizer, m) for m in messages]
+
+    def make_openai() -> OpenAIGenerator:
+        return OpenAIGenerator.from_cfg(cfg.llm, "llm", params, served)
 
     def make_generator() -> LocalGenerator:
         import torch
@@ -527,7 +541,7 @@ def evaluate(cfg: DictConfig) -> str:
             [it.id for it in items],
             prompt_texts,
             params,
-            make_generator,
+            make_openai if backend == "openai" else make_generator,
             ItemCache(Path(cfg.paths.cache) / "answers.sqlite"),
             model_key,
         )
@@ -569,6 +583,23 @@ def evaluate(cfg: DictConfig) -> str:
             )
         score_and_log(cfg, rows, speed)
     return run_id
+
+
+def served_model(cfg: DictConfig, adapter: Path | None) -> str:
+    """The model name sent to an OpenAI-compatible server.
+
+    For `model=lora` it is the adapter's served name, as vLLM serves LoRA adapters
+    (`--lora-modules NAME=FOLDER`): `llm.served_adapter`, or the adapter folder's name.
+    """
+    if adapter is None:
+        return str(cfg.llm.get("served_model") or cfg.llm.name)
+    name = str(cfg.llm.get("served_adapter") or adapter.name)
+    print(
+        f"openai backend: requesting adapter {name!r}; serve it with: vllm serve {cfg.llm.name} "
+        f"--enable-lora --max-lora-rank {cfg.model.r} --lora-modules {name}={adapter}",
+        flush=True,
+    )
+    return name
 
 
 def _predict_key(cfg: DictConfig, model_key: str, items: list[QAItem]) -> str:
@@ -631,6 +662,14 @@ def score_rows(cfg: DictConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "seed": int(boot.seed),
     }
     scored = metrics.score_items(rows, cfg.metrics, embedder_cache_dir=cfg.paths.cache)
+    if "judge" in metrics.validate_groups(list(cfg.metrics.groups)):
+        from qa_lab import judge
+
+        judged, replies, info = judge.judge_rows(rows, cfg.metrics.get("judge"), cfg.paths.cache)
+        for row, scores, extra, reply in zip(rows, scored.per_item, judged, replies):
+            scores.update(extra)
+            row["judge_reply"] = reply  # shown in the per-item table next to the verdict
+        scored.corpus.update(info)
     clusters = [r.get("seed_id") or r.get("item_id") or str(i) for i, r in enumerate(rows)]
     ci: dict[str, dict[str, Any]] = {}
     if scored.bleu_stats is not None:
