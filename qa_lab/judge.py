@@ -23,10 +23,9 @@ from qa_lab import prompts
 from qa_lab.cache import ItemCache, stable_hash
 from qa_lab.errors import QaLabError
 
+# Per-item columns: judge_<verdict> 0/1 flags (their means are the verdict rates),
+# judge_unparseable 0/1 and judge_score 1-5 (NaN when unparseable, so it is left out of the mean).
 VERDICTS = ("correct", "partially_correct", "incorrect")
-# Per-item columns: one 0/1 flag per verdict (their means are the verdict rates), the flag for
-# replies that could not be parsed, and the 1-5 score (NaN when unparseable).
-COLUMNS = tuple(f"judge_{v}" for v in VERDICTS) + ("judge_unparseable", "judge_score")
 _OBJECT = re.compile(r"\{[^{}]*\}", re.S)
 _VERDICT_FIELD = re.compile(r"verdict\W{0,5}([a-z][a-z _-]{4,30})", re.I)
 _SCORE_FIELD = re.compile(r"score\W{0,5}([1-5](?:\.0)?)\b", re.I)
@@ -79,13 +78,11 @@ def parse_verdict(text: str) -> dict[str, Any] | None:
 
 def item_scores(parsed: dict[str, Any] | None) -> dict[str, float]:
     """The per-item judge columns for one parsed verdict (None: counted as unparseable)."""
-    if parsed is None:
-        return {**{f"judge_{v}": 0.0 for v in VERDICTS}, "judge_unparseable": 1.0,
-                "judge_score": math.nan}  # fmt: skip
+    verdict = parsed["verdict"] if parsed else None
     return {
-        **{f"judge_{v}": float(parsed["verdict"] == v) for v in VERDICTS},
-        "judge_unparseable": 0.0,
-        "judge_score": float(parsed["score"]),
+        **{f"judge_{v}": float(verdict == v) for v in VERDICTS},
+        "judge_unparseable": float(parsed is None),
+        "judge_score": float(parsed["score"]) if parsed else math.nan,
     }
 
 
