@@ -32,8 +32,10 @@ _SCORE_FIELD = re.compile(r"score\W{0,5}([1-5](?:\.0)?)\b", re.I)
 
 
 def prompt_hash() -> str:
-    """Identity of the rubric (system, user template, repair turn): logged and in cache keys."""
-    return stable_hash([prompts.JUDGE_SYSTEM, prompts.JUDGE_USER, prompts.JUDGE_REPAIR])
+    """Identity of the rubric (system, template, example, repair turn): logged, in cache keys."""
+    return stable_hash(
+        [prompts.JUDGE_SYSTEM, prompts.JUDGE_USER, prompts.JUDGE_EXAMPLE, prompts.JUDGE_REPAIR]
+    )
 
 
 def _verdict(value: Any) -> str | None:

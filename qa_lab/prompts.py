@@ -73,6 +73,16 @@ JUDGE_USER = (
     'Reply in exactly this format: {{"verdict": "correct" | "partially_correct" | "incorrect", '
     '"score": 1-5}}'
 )
+# One worked example turn: small models echo the candidate answer without it (SmolLM2-135M).
+JUDGE_EXAMPLE = (
+    {
+        "question": "What does a mutex guarantee?",
+        "reference": "Only one thread at a time can hold it, so the critical section it guards "
+        "never runs concurrently.",
+        "prediction": "A mutex makes a program faster by running threads in parallel.",
+    },
+    '{"verdict": "incorrect", "score": 1}',
+)
 # Sent once after an unparseable reply, with that reply as the assistant turn.
 JUDGE_REPAIR = (
     "That was not the requested format. Reply with only the JSON object, for example "
@@ -82,10 +92,16 @@ JUDGE_REPAIR = (
 
 def judge_messages(question: str, reference: str, prediction: str) -> list[dict[str, str]]:
     """The judge's chat prompt: rubric, question, reference and the answer under review."""
+    example, verdict = JUDGE_EXAMPLE
     user = JUDGE_USER.format(
         question=question.strip(), reference=reference.strip(), prediction=prediction.strip()
     )
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": JUDGE_USER.format(**example)},
+        {"role": "assistant", "content": verdict},
+        {"role": "user", "content": user},
+    ]
 
 
 def judge_repair_messages(messages: list[dict[str, str]], bad_reply: str) -> list[dict[str, str]]:

@@ -174,7 +174,7 @@ def _judge_server(scripted) -> Scripted:
 
     def respond(body: dict) -> tuple[int, dict, dict]:
         repair = body["messages"][-1]["content"] == prompts.JUDGE_REPAIR
-        user = body["messages"][1]["content"]
+        user = body["messages"][-3 if repair else -1]["content"]
         if "gamma" in user:
             text = 'Sure! ```json\n{"verdict": "Correct", "score": 5}\n```'
         elif "alpha" in user:
@@ -289,7 +289,7 @@ def _messages(question: str) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_greedy_answers_match_the_local_backend(served, smol_folder, base_model, tokenizer):
-    params = GenParams(max_new_tokens=16, stop_strings=("\nQuestion:", "\nQ:", "<|im_start|>"))
+    params = GenParams(max_new_tokens=12, stop_strings=("\nQuestion:", "\nQ:", "<|im_start|>"))
     remote = OpenAIGenerator(served, smol_folder, params, concurrency=3)
     local = LocalGenerator(base_model, tokenizer, params, batch_size=1)
     got = remote.generate_batch([chat_request(_messages(q)) for q in QUESTIONS])
@@ -327,7 +327,7 @@ def test_evaluate_and_judge_end_to_end(served, smol_folder, store, small_source,
             "metrics.groups=[lexical,diagnostics,judge]",
             f"metrics.judge.model={smol_folder}",
             f"metrics.judge.base_url={served}",
-            "metrics.judge.max_tokens=24",
+            "metrics.judge.max_tokens=20",
             "metrics.bootstrap.resamples=200",
         ],
     )
@@ -336,10 +336,11 @@ def test_evaluate_and_judge_end_to_end(served, smol_folder, store, small_source,
     run = mlflow.get_run(run_id)
     metrics, params = run.data.metrics, run.data.params
     assert metrics["answers_generated"] == 2
-    for name in ("judge_correct", "judge_incorrect", "judge_unparseable", "judge_score_ci_high"):
-        assert name in metrics
     rates = sum(metrics[f"judge_{v}"] for v in (*judge.VERDICTS, "unparseable"))
     assert rates == pytest.approx(1.0)  # every item is counted exactly once
+    assert "judge_correct_ci_high" in metrics
+    # a 135M judge is weak but, with the worked example turn, replies in the JSON format
+    assert metrics["judge_unparseable"] < 1.0 and 1.0 <= metrics["judge_score"] <= 5.0
     assert params["judge_prompt_hash"] == judge.prompt_hash()
     assert params["judge_model"] == smol_folder and params["judge_temperature"] == "0.0"
     assert params["llm.api_key_env"] == "QA_LAB_TEST_KEY"
