@@ -160,10 +160,34 @@ class LocalGenerator:
         }
 
 
+class PartialBatchError(QaLabError):
+    """A batch that failed part-way; `done` maps batch positions to the answers that finished.
+
+    `generate_cached` stores those before re-raising, so no finished answer is lost.
+    """
+
+    def __init__(self, message: str, done: dict[int, dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.done = done
+
+
+def chat_request(messages: list[dict[str, str]], seed: int | None = None) -> str:
+    """The cached "prompt" of the openai backend: the chat messages (and a per-sample seed).
+
+    The server applies the model's chat template itself, so the exact request body is what
+    identifies an answer. `seed` tells apart repeated samples of one prompt (synthesis).
+    """
+    body: dict[str, Any] = {"messages": messages}
+    if seed is not None:
+        body["seed"] = seed
+    return json.dumps(body, ensure_ascii=False, sort_keys=True)
+
+
 class OpenAIGenerator:
-    """Any OpenAI-compatible chat endpoint (vLLM, Ollama, llama.cpp server, a hosted API).
+    """Any OpenAI-compatible chat endpoint (vLLM, SGLang, Ollama, `transformers serve`, an API).
 
     The API key is read from the environment variable named in config, never from config.
+    Greedy decoding is `temperature=0`, which vLLM and `transformers serve` treat as argmax.
     """
 
     def __init__(
@@ -173,76 +197,144 @@ class OpenAIGenerator:
         params: GenParams,
         *,
         api_key_env: str = "OPENAI_API_KEY",
-        timeout: float = 120.0,
+        timeout: float = 600.0,
         retries: int = 4,
         concurrency: int = 4,
+        backoff_s: float = 1.0,
+        config_key: str = "base_url",
     ) -> None:
         if not base_url:
             raise QaLabError(
-                "base_url is required for the openai backend (e.g. http://127.0.0.1:8000/v1)"
+                f"{config_key} is required for the openai backend (e.g. http://127.0.0.1:8000/v1)"
             )
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.params, self.timeout, self.retries = model, params, timeout, retries
+        self.url = str(base_url).rstrip("/") + "/chat/completions"
+        self.model, self.params = model, params
+        self.timeout, self.retries, self.backoff_s = float(timeout), int(retries), backoff_s
         self.api_key = os.environ.get(api_key_env or "", "")
         self.concurrency = max(1, int(concurrency))
 
+    @classmethod
+    def from_cfg(cls, node: Any, prefix: str, params: GenParams, model: str) -> OpenAIGenerator:
+        """Build from a config node (base_url, api_key_env, timeout, retries, concurrency...).
+
+        `prefix` is the node's dotted path, so a missing `base_url` error names the key to set.
+        """
+        return cls(
+            node.get("base_url"),
+            model,
+            params,
+            api_key_env=node.get("api_key_env") or "",
+            timeout=float(node.get("timeout") or 600),
+            retries=int(node.get("retries") if node.get("retries") is not None else 4),
+            concurrency=int(node.get("concurrency") or 4),
+            backoff_s=float(node.get("backoff_s") or 1.0),
+            config_key=f"{prefix}.base_url",
+        )
+
     def batches(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Requests go out `concurrency` at a time."""
+        """Requests go out `concurrency` at a time; each batch is committed to the cache."""
         step = self.concurrency
         return [list(range(i, min(i + step, len(prompts)))) for i in range(0, len(prompts), step)]
 
     def generate_batch(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
-        """Prompts here are JSON-encoded chat messages (the cache key is their exact text)."""
+        """Answer `chat_request` prompts concurrently; a failure keeps the finished answers."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda p: self.complete(json.loads(p)), prompts))
+            futures = [pool.submit(self.complete, **json.loads(p)) for p in prompts]
+        done: dict[int, dict[str, Any]] = {}
+        errors: list[BaseException] = []
+        for i, future in enumerate(futures):
+            err = future.exception()
+            if err is None:
+                done[i] = future.result()
+            else:
+                errors.append(err)
+        if errors:
+            if not isinstance(errors[0], QaLabError):
+                raise errors[0]
+            raise PartialBatchError(str(errors[0]), done)
+        return [done[i] for i in range(len(prompts))]
 
-    def complete(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+    def complete(self, messages: list[dict[str, str]], seed: int | None = None) -> dict[str, Any]:
         """One chat completion, retried with exponential backoff on 429/5xx/connection errors."""
-        body = {
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "max_tokens": self.params.max_new_tokens,
             "temperature": self.params.temperature if self.params.do_sample else 0.0,
-            "seed": self.params.seed,
+            "seed": self.params.seed if seed is None else seed,
         }
         if self.params.stop_strings:
             body["stop"] = list(self.params.stop_strings)[:4]  # the API allows at most 4
+        started = time.perf_counter()
+        reply = self._post(body)
+        try:
+            choice = reply["choices"][0]
+            content = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise QaLabError(
+                f"{self.url}: unexpected reply (no choices[0].message): {str(reply)[:200]}"
+            ) from None
+        text, stopped = cut_at_stop(content, self.params.stop_strings)
+        # vLLM names the stop string that ended the answer; other servers just say "stop".
+        stopped = stopped or choice.get("stop_reason") in self.params.stop_strings
+        usage = reply.get("usage") or {}
+        reason = "eos"
+        if choice.get("finish_reason") == "length":
+            reason = "length"
+        elif stopped:
+            reason = "stop_string"
+        return {
+            "prediction": text.strip(),
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "generated_tokens": int(usage.get("completion_tokens") or 0),
+            "stop_reason": reason,
+            "seconds": time.perf_counter() - started,
+        }
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST with retries: 429 and 5xx and connection errors back off, other codes fail."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(
             self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
         )
-        started = time.perf_counter()
         for attempt in range(self.retries + 1):
+            wait = self.backoff_s * 2**attempt
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    reply = json.loads(resp.read().decode("utf-8"))
-                break
+                    raw = resp.read().decode("utf-8")
+                try:
+                    return json.loads(raw)
+                except json.JSONDecodeError:
+                    raise QaLabError(f"{self.url}: reply is not JSON: {raw[:200]!r}") from None
             except urllib.error.HTTPError as err:
-                if err.code != 429 and err.code < 500 or attempt == self.retries:
-                    raise QaLabError(f"{self.url}: HTTP {err.code} {err.reason}") from None
+                detail = err.read().decode("utf-8", "replace")[:200]
+                if (err.code != 429 and err.code < 500) or attempt == self.retries:
+                    raise QaLabError(
+                        f"{self.url}: HTTP {err.code} {err.reason} {detail}"
+                        f" (model {self.model!r}, after {attempt + 1} tries)"
+                    ) from None
+                wait = max(wait, _retry_after(err.headers.get("Retry-After")))
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 if attempt == self.retries:
-                    raise QaLabError(f"{self.url}: unreachable ({err})") from None
-            time.sleep(min(2**attempt, 30))
-        choice = reply["choices"][0]
-        text, stopped = cut_at_stop(
-            choice["message"].get("content") or "", self.params.stop_strings
-        )
-        finish = choice.get("finish_reason")
-        usage = reply.get("usage") or {}
-        return {
-            "prediction": text.strip(),
-            "prompt_tokens": int(usage.get("prompt_tokens", 0)),
-            "generated_tokens": int(usage.get("completion_tokens", 0)),
-            "stop_reason": "length"
-            if finish == "length"
-            else ("stop_string" if stopped else "eos"),
-            "seconds": time.perf_counter() - started,
-        }
+                    reason = getattr(err, "reason", err)
+                    raise QaLabError(
+                        f"{self.url}: unreachable after {attempt + 1} tries ({reason});"
+                        " finished answers are cached, rerun to resume"
+                    ) from None
+            time.sleep(min(wait, 60.0))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds asked for by a Retry-After header (0 when absent or not a number)."""
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def generate_cached(
@@ -272,7 +364,11 @@ def generate_cached(
         bar = tqdm(total=len(todo), unit="answer", desc="generate", disable=not progress)
         for batch in generator.batches([prompts[i] for i in todo]):
             idx = [todo[j] for j in batch]
-            answers = generator.generate_batch([prompts[i] for i in idx])
+            try:
+                answers = generator.generate_batch([prompts[i] for i in idx])
+            except PartialBatchError as err:
+                cache.put_many({keys[idx[j]]: a for j, a in err.done.items()})
+                raise
             fresh = {keys[i]: a for i, a in zip(idx, answers)}
             cache.put_many(fresh)
             found.update(fresh)

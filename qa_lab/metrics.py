@@ -37,7 +37,8 @@ from qa_lab.cache import stable_hash
 from qa_lab.errors import QaLabError, require_choice
 
 METRICS_VERSION = 1
-METRIC_GROUPS = ("lexical", "semantic", "diagnostics", "retrieval")
+# `judge` asks an LLM server (qa_lab.judge); stages.score_rows runs it next to score_items.
+METRIC_GROUPS = ("lexical", "semantic", "diagnostics", "retrieval", "judge")
 EXACT_MATCH_MODES = ("squad", "strip_lower")
 BLEU_SMOOTH_METHODS = ("none", "exp", "floor", "add-k")
 BLEU_MAX_ORDER = 4
@@ -112,6 +113,11 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "retrieval_best_cosine": True,
     "answers_per_s": True,
     "tokens_per_s": True,
+    "judge_correct": True,
+    "judge_partially_correct": True,
+    "judge_incorrect": False,
+    "judge_unparseable": False,
+    "judge_score": True,
 }
 
 

@@ -83,3 +83,60 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(
         fit_template(tokenizer, messages), tokenize=False, add_generation_prompt=True
     )
+
+
+# The LLM judge's rubric (its hash is logged and keys the judge cache: edit = re-judge).
+JUDGE_SYSTEM = (
+    "You grade answers to computer-science interview questions against a reference answer. "
+    "Reply with one JSON object only."
+)
+JUDGE_USER = (
+    "Question: {question}\n\nReference answer: {reference}\n\nCandidate answer: {prediction}\n\n"
+    "Grade the candidate answer against the reference. It is correct if it states the "
+    "reference's key facts without contradicting them, partially_correct if it gets some key "
+    "facts right but misses or garbles others, and incorrect if it is wrong, off-topic, empty "
+    "or only restates the question. Score from 1 (wrong) to 5 (complete and accurate).\n"
+    'Reply in exactly this format: {{"verdict": "correct" | "partially_correct" | "incorrect", '
+    '"score": 1-5}}'
+)
+# One worked example turn: small models echo the candidate answer without it (SmolLM2-135M).
+JUDGE_EXAMPLE = (
+    {
+        "question": "What does a mutex guarantee?",
+        "reference": "Only one thread at a time can hold it, so the critical section it guards "
+        "never runs concurrently.",
+        "prediction": "A mutex makes a program faster by running threads in parallel.",
+    },
+    '{"verdict": "incorrect", "score": 1}',
+)
+# Sent once after an unparseable reply, with that reply as the assistant turn.
+JUDGE_REPAIR = (
+    "That was not the requested format. Reply with only the JSON object, for example "
+    '{"verdict": "partially_correct", "score": 3}'
+)
+
+
+def judge_messages(question: str, reference: str, prediction: str) -> list[dict[str, str]]:
+    """The judge's chat prompt: rubric, question, reference and the answer under review."""
+    example, verdict = JUDGE_EXAMPLE
+    user = JUDGE_USER.format(
+        question=question.strip(), reference=reference.strip(), prediction=prediction.strip()
+    )
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": JUDGE_USER.format(**example)},
+        {"role": "assistant", "content": verdict},
+        {"role": "user", "content": user},
+    ]
+
+
+def judge_repair_messages(messages: list[dict[str, str]], bad_reply: str) -> list[dict[str, str]]:
+    """The one retry after an unparseable verdict: the bad reply, then a format reminder.
+
+    Repeating the same greedy request would return the same reply; a reminder turn does not.
+    """
+    return [
+        *messages,
+        {"role": "assistant", "content": bad_reply},
+        {"role": "user", "content": JUDGE_REPAIR},
+    ]

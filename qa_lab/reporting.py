@@ -34,7 +34,6 @@ RETRIEVAL = (
     "retrieval_best_cosine",
     "copy_rate",
 )
-LOWER_IS_BETTER = {"runaway_rate", "truncation_rate", "unfinished_rate", "empty_rate", "idk_rate"}
 SWEPT_PARAMS = ("retriever.k", "model.learning_rate", "model.epochs", "model.r", "llm.name")
 TOPIC_METRICS = ("rougeL_f1", "bertscore_f1")
 VARIANTS_2X2 = ("vanilla", "rag", "lora", "rag_lora")
@@ -42,9 +41,11 @@ VARIANTS_2X2 = ("vanilla", "rag", "lora", "rag_lora")
 
 def arrow(metric: str) -> str:
     """Direction of a metric for readers: up is better unless it is a failure rate."""
+    from qa_lab.metrics import HIGHER_IS_BETTER
+
     if metric == "length_ratio":
         return "→1"
-    return "↓" if metric in LOWER_IS_BETTER else "↑"
+    return "↑" if HIGHER_IS_BETTER.get(metric, True) else "↓"
 
 
 def fmt_ci(c: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,11 +253,14 @@ def synthesize(cfg: DictConfig, seeds: list[QAItem]) -> tuple[list[QAItem], Coun
         }
     )
     if syn.backend == "openai":
-        prompt_texts = [json.dumps(m) for m in messages]
+        from qa_lab.generation import chat_request
+
+        # one seed per sample: the server would otherwise return one answer per seed row
+        prompt_texts = [chat_request(m, params.seed + j) for m, (_, j) in zip(messages, jobs)]
         model_key = f"openai:{syn.model}"
 
         def make() -> Any:
-            return OpenAIGenerator(syn.base_url, syn.model, params, api_key_env=syn.api_key_env)
+            return OpenAIGenerator.from_cfg(syn, "dataset.synthesis", params, syn.model)
     else:
         from qa_lab import models
 
@@ -507,7 +511,7 @@ def eval_set_hash(items: list[QAItem]) -> str:
 def evaluate(cfg: DictConfig) -> str:
     """Generate answers for the eval split under this config, score them, log one run."""
     from qa_lab import metrics, models
-    from qa_lab.generation import GenParams, LocalGenerator, generate_cached
+    from qa_lab.generation import GenParams, OpenAIGenerator, chat_request, generate_cached
 
     metrics.validate_groups(list(cfg.metrics.groups))
     require_choice("eval.split", cfg.eval.split, ("test", "val"))
@@ -525,23 +529,24 @@ def evaluate(cfg: DictConfig) -> str:
         model_key = f"lora:{train_key_}"
     retriever = _retriever(cfg, data_folder)
     passages = retriever.search([it.question for it in items])
-    tokenizer = models.load_tokenizer(cfg.llm, cfg.paths.models)
-    prompt_texts = _prompt_texts(cfg, tokenizer, items, passages)
     params = GenParams.from_cfg(cfg.generation, int(cfg.seed))
     cache = ItemCache(Path(cfg.paths.cache) / "answers.sqlite")
-
-    @functools.cache
-    def make_generator() -> LocalGenerator:
-        import torch
-
-        if cfg.generation.threads:
-            torch.set_num_threads(int(cfg.generation.threads))
-        torch.manual_seed(int(cfg.seed))
-        model = models.load_llm(cfg.llm, cfg.paths.models)
-        if adapter is not None:
-            # merged for generation: same answers as the PEFT wrapper (tested), less overhead
-            model = models.load_adapter(model, adapter).merge_and_unload()
-        return LocalGenerator(model, tokenizer, params, int(cfg.generation.batch_size))
+    backend = require_choice("llm.backend", cfg.llm.get("backend", "local"), ("local", "openai"))
+    render: Callable[[list[dict[str, str]]], str]
+    if backend == "openai":
+        served = served_model(cfg, adapter)
+        model_key = f"openai:{served}:{model_key}"
+        render = chat_request
+        make_generator: Callable[[], Any] = functools.cache(
+            functools.partial(OpenAIGenerator.from_cfg, cfg.llm, "llm", params, served)
+        )
+    else:
+        tokenizer = models.load_tokenizer(cfg.llm, cfg.paths.models)
+        render = functools.partial(prompts.render_prompt, tokenizer)
+        make_generator = functools.cache(
+            functools.partial(_local_generator, cfg, tokenizer, params, adapter)
+        )
+    prompt_texts = _prompt_texts(cfg, render, items, passages)
 
     variant = variant_name(cfg)
     tags = {
@@ -577,7 +582,7 @@ def evaluate(cfg: DictConfig) -> str:
         sample = train_sample(cfg, data_folder)
         if sample:
             closed_book: list[list[Any]] = [[] for _ in sample]
-            sample_prompts = _prompt_texts(cfg, tokenizer, sample, closed_book)
+            sample_prompts = _prompt_texts(cfg, render, sample, closed_book)
             sample_preds = generate_cached(
                 [it.id for it in sample], sample_prompts, params, make_generator, cache, model_key
             )
@@ -590,15 +595,35 @@ def evaluate(cfg: DictConfig) -> str:
     return run_id
 
 
+def _local_generator(cfg: DictConfig, tokenizer: Any, params: Any, adapter: Path | None) -> Any:
+    """The in-process generator: the base model, with the LoRA adapter merged in if any."""
+    import torch
+
+    from qa_lab import models
+    from qa_lab.generation import LocalGenerator
+
+    if cfg.generation.threads:
+        torch.set_num_threads(int(cfg.generation.threads))
+    torch.manual_seed(int(cfg.seed))
+    model = models.load_llm(cfg.llm, cfg.paths.models)
+    if adapter is not None:
+        # merged for generation: same answers as the PEFT wrapper (tested), less overhead
+        model = models.load_adapter(model, adapter).merge_and_unload()
+    return LocalGenerator(model, tokenizer, params, int(cfg.generation.batch_size))
+
+
 def _prompt_texts(
-    cfg: DictConfig, tokenizer: Any, items: list[QAItem], passages: list[list[Any]]
+    cfg: DictConfig,
+    render: Callable[[list[dict[str, str]]], str],
+    items: list[QAItem],
+    passages: list[list[Any]],
 ) -> list[str]:
+    """What each item's request is: a rendered prompt (local) or the chat body (openai)."""
     return [
-        prompts.render_prompt(
-            tokenizer,
+        render(
             prompts.build_messages(
                 it.question, ps, system=cfg.prompt.system, context_header=cfg.prompt.context_header
-            ),
+            )
         )
         for it, ps in zip(items, passages)
     ]
@@ -697,6 +722,23 @@ def _leakage_metrics(data_folder: Path) -> dict[str, float]:
     return {f"leakage/{k}": float(v) for k, v in audit.items() if isinstance(v, int | float)}
 
 
+def served_model(cfg: DictConfig, adapter: Path | None) -> str:
+    """The model name sent to an OpenAI-compatible server.
+
+    For `model=lora` it is the adapter's served name, as vLLM serves LoRA adapters
+    (`--lora-modules NAME=FOLDER`): `llm.served_adapter`, or the adapter folder's name.
+    """
+    if adapter is None:
+        return str(cfg.llm.get("served_model") or cfg.llm.name)
+    name = str(cfg.llm.get("served_adapter") or adapter.name)
+    print(
+        f"openai backend: requesting adapter {name!r}; serve it with: vllm serve {cfg.llm.name} "
+        f"--enable-lora --max-lora-rank {cfg.model.r} --lora-modules {name}={adapter}",
+        flush=True,
+    )
+    return name
+
+
 def _predict_key(cfg: DictConfig, model_key: str, items: list[QAItem]) -> str:
     return stage_key(
         {
@@ -757,6 +799,14 @@ def score_rows(cfg: DictConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "seed": int(boot.seed),
     }
     scored = metrics.score_items(rows, cfg.metrics, embedder_cache_dir=cfg.paths.cache)
+    if "judge" in metrics.validate_groups(list(cfg.metrics.groups)):
+        from qa_lab import judge
+
+        judged, replies, info = judge.judge_rows(rows, cfg.metrics.get("judge"), cfg.paths.cache)
+        for row, scores, extra, reply in zip(rows, scored.per_item, judged, replies):
+            scores.update(extra)
+            row["judge_reply"] = reply  # shown in the per-item table next to the verdict
+        scored.corpus.update(info)
     clusters = [r.get("seed_id") or r.get("item_id") or str(i) for i, r in enumerate(rows)]
     ci: dict[str, dict[str, Any]] = {}
     if scored.bleu_stats is not None:

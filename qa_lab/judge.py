@@ -1,0 +1,149 @@
+"""LLM-as-judge scoring through an OpenAI-compatible server: verdicts, 1-5 scores, rates.
+
+The judge sees question, reference and prediction and must answer with a strict JSON object
+`{"verdict": correct|partially_correct|incorrect, "score": 1-5}`. Parsing tolerates extra text
+around it (small and chatty models wrap JSON in prose or code fences). A reply that still cannot
+be parsed is retried once with a format reminder, then counted as `judge_unparseable`: it never
+receives a made-up verdict or score.
+
+Replies go through the per-item answer cache keyed by (judge model, rubric hash, exact request),
+so rescoring the same predictions asks the server nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from qa_lab import prompts
+from qa_lab.cache import ItemCache, stable_hash
+from qa_lab.errors import QaLabError
+
+# Per-item columns: judge_<verdict> 0/1 flags (their means are the verdict rates),
+# judge_unparseable 0/1 and judge_score 1-5 (NaN when unparseable, so it is left out of the mean).
+VERDICTS = ("correct", "partially_correct", "incorrect")
+_OBJECT = re.compile(r"\{[^{}]*\}", re.S)
+_VERDICT_FIELD = re.compile(r"verdict\W{0,5}([a-z][a-z _-]{4,30})", re.I)
+_SCORE_FIELD = re.compile(r"score\W{0,5}([1-5](?:\.0)?)\b", re.I)
+
+
+def prompt_hash() -> str:
+    """Identity of the rubric (system, template, example, repair turn): logged, in cache keys."""
+    return stable_hash(
+        [prompts.JUDGE_SYSTEM, prompts.JUDGE_USER, prompts.JUDGE_EXAMPLE, prompts.JUDGE_REPAIR]
+    )
+
+
+def _verdict(value: Any) -> str | None:
+    words = re.sub(r"[^a-z]+", "_", str(value).lower()).strip("_")
+    if words.startswith("partial"):
+        return "partially_correct"
+    return words if words in VERDICTS else None
+
+
+def _score(value: Any) -> int | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() and 1 <= number <= 5 else None
+
+
+def parse_verdict(text: str) -> dict[str, Any] | None:
+    """`{"verdict", "score"}` from a judge reply, or None when it holds no valid pair.
+
+    The first JSON object with both fields valid wins; failing that, `verdict: ...` and
+    `score: N` written as loose text are accepted. Out-of-range scores are invalid, not clipped.
+    """
+    for match in _OBJECT.finditer(text):
+        try:
+            obj = json.loads(match.group(0))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            fields = {str(k).lower(): v for k, v in obj.items()}
+            verdict, score = _verdict(fields.get("verdict")), _score(fields.get("score"))
+            if verdict and score:
+                return {"verdict": verdict, "score": score}
+    verdict_m, score_m = _VERDICT_FIELD.search(text), _SCORE_FIELD.search(text)
+    if verdict_m and score_m:
+        verdict = _verdict(verdict_m.group(1).split(",")[0].strip())
+        score = _score(score_m.group(1))
+        if verdict and score:
+            return {"verdict": verdict, "score": score}
+    return None
+
+
+def item_scores(parsed: dict[str, Any] | None) -> dict[str, float]:
+    """The per-item judge columns for one parsed verdict (None: counted as unparseable)."""
+    verdict = parsed["verdict"] if parsed else None
+    return {
+        **{f"judge_{v}": float(verdict == v) for v in VERDICTS},
+        "judge_unparseable": float(parsed is None),
+        "judge_score": float(parsed["score"]) if parsed else math.nan,
+    }
+
+
+def judge_rows(
+    rows: Sequence[Mapping[str, Any]], judge_cfg: Any, cache_dir: str | Path
+) -> tuple[list[dict[str, float]], list[str], dict[str, Any]]:
+    """Judge every row: per-item columns, the final reply texts (row order), run-level info.
+
+    `judge_cfg` is the `metrics.judge` node (model, base_url, api_key_env, temperature,
+    max_tokens, timeout, retries, concurrency).
+    """
+    from qa_lab.generation import GenParams, OpenAIGenerator, chat_request, generate_cached
+
+    if judge_cfg is None or not judge_cfg.get("model"):
+        raise QaLabError(
+            "metrics.judge.model is missing: use metrics=judge (conf/metrics/judge.yaml) and set "
+            "metrics.judge.model and metrics.judge.base_url"
+        )
+    temperature = float(judge_cfg.get("temperature") or 0.0)
+    params = GenParams(
+        max_new_tokens=int(judge_cfg.get("max_tokens") or 64),
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+    )
+    model = str(judge_cfg.model)
+    model_key = f"judge:{model}:{prompt_hash()}"
+    cache = ItemCache(Path(cache_dir) / "answers.sqlite")
+
+    def ask(ids: list[str], chats: list[list[dict[str, str]]]) -> list[str]:
+        replies = generate_cached(
+            ids,
+            [chat_request(m) for m in chats],
+            params,
+            lambda: OpenAIGenerator.from_cfg(judge_cfg, "metrics.judge", params, model),
+            cache,
+            model_key,
+            progress=False,
+        )
+        return [r.prediction for r in replies]
+
+    ids = [str(r.get("item_id") or i) for i, r in enumerate(rows)]
+    chats = [
+        prompts.judge_messages(str(r["question"]), str(r["reference"]), str(r["prediction"]))
+        for r in rows
+    ]
+    replies = ask(ids, chats)
+    parsed = [parse_verdict(text) for text in replies]
+    retry = [i for i, p in enumerate(parsed) if p is None]
+    if retry:
+        again = ask(
+            [ids[i] for i in retry],
+            [prompts.judge_repair_messages(chats[i], replies[i]) for i in retry],
+        )
+        for i, text in zip(retry, again):
+            parsed[i], replies[i] = parse_verdict(text), text
+    info = {
+        "judge_model": model,
+        "judge_prompt_hash": prompt_hash(),
+        "judge_temperature": str(temperature),
+        "judge_retried": float(len(retry)),
+    }
+    return [item_scores(p) for p in parsed], replies, info
