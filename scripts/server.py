@@ -51,13 +51,15 @@ def _as_pg(cmd: list[str], log: Path | None = None) -> None:
 
 
 def backend_uri(state: Path) -> str:
-    """SQLAlchemy URI over the cluster's socket (+psycopg2: SQLAlchemy 2.1 defaults to psycopg 3)."""
-    return f"postgresql+psycopg2://{PG_USER}@/{DB_NAME}?host={state.resolve() / 'pg'}&port={PG_PORT}"
+    """SQLAlchemy URI over the cluster's socket (+psycopg2: SQLAlchemy 2.1 means psycopg 3)."""
+    socket_dir = state.resolve() / "pg"
+    return f"postgresql+psycopg2://{PG_USER}@/{DB_NAME}?host={socket_dir}&port={PG_PORT}"
 
 
 def _start_postgres(state: Path) -> None:
-    pgdata = state / "pg"
+    pgdata = (state / "pg").resolve()
     log = state / "postgres.log"
+    pg_ctl = _pg_bin("pg_ctl")
     fresh = not (pgdata / "PG_VERSION").is_file()
     if fresh:
         pgdata.mkdir(parents=True, exist_ok=True)
@@ -68,10 +70,10 @@ def _start_postgres(state: Path) -> None:
         # trust is safe here: the only way in is the socket in this 0700 folder
         _as_pg([_pg_bin("initdb"), "-D", str(pgdata), "-U", PG_USER, "-A", "trust", "-E", "UTF8"])
     if not (pgdata / "postmaster.pid").is_file():
-        opts = f"-c listen_addresses='' -c unix_socket_directories='{pgdata.resolve()}' -p {PG_PORT}"
-        _as_pg([_pg_bin("pg_ctl"), "-D", str(pgdata), "-l", str(log), "-o", opts, "-w", "start"], log)
+        opts = f"-c listen_addresses='' -c unix_socket_directories='{pgdata}' -p {PG_PORT}"
+        _as_pg([pg_ctl, "-D", str(pgdata), "-l", str(log), "-o", opts, "-w", "start"], log)
     if fresh:
-        _as_pg([_pg_bin("createdb"), "-h", str(pgdata.resolve()), "-p", PG_PORT, "-U", PG_USER, DB_NAME])
+        _as_pg([_pg_bin("createdb"), "-h", str(pgdata), "-p", PG_PORT, "-U", PG_USER, DB_NAME])
 
 
 def _alive(pid_file: Path) -> int | None:
