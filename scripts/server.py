@@ -109,9 +109,12 @@ def start(state: Path, host: str, port: int) -> None:
         "--serve-artifacts", "--artifacts-destination", str((state / "artifacts").resolve()),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+    # With a database store, mlflow server also starts a pool of job-runner processes (huey,
+    # for GenAI scorer jobs qa-lab never submits): a dozen idle processes eating a small machine.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(state / "mlflow.log", "ab") as log:
         # own session: stop signals the whole group (mlflow server forks its web server)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
     pid_file.write_text(str(proc.pid))
     (state / "url").write_text(url)
     deadline = time.monotonic() + READY_TIMEOUT_S
