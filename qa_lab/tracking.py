@@ -237,6 +237,8 @@ def start_run(
         yield run.info.run_id
     except BaseException:
         if is_server(cfg.tracking) and not server_answers(str(cfg.tracking.uri)):
+            # no second round of retries: MLflow's exit hook would end the run over HTTP
+            os.environ[RETRY_ENV["max_retries"]] = "0"
             raise QaLabError(
                 f"tracking.uri={cfg.tracking.uri}: the tracking server stopped answering and "
                 f"did not come back within tracking.retry; finished work (generations, adapters, "
