@@ -36,7 +36,8 @@ ui: $(STAMP)
 # Team tracking server: PostgreSQL (project-local cluster in .server/pg, Unix socket only) and
 # `mlflow server` on $(HOST):$(PORT) serving artifacts from .server/artifacts. Data survives
 # server-stop/server; then add tracking=server to any command (or export MLFLOW_TRACKING_URI).
-server: $(STAMP)
+# It needs the venv, not a reinstall: a server can stay up while the project is updated.
+server: | $(PY)
 	$(PY) scripts/server.py start --dir .server --host $(HOST) --port $(PORT)
 
 server-stop:
@@ -44,3 +45,6 @@ server-stop:
 
 server-status:
 	$(PY) scripts/server.py status --dir .server
+
+$(PY):
+	$(MAKE) install

@@ -95,6 +95,11 @@ def _healthy(url: str) -> bool:
 
 def start(state: Path, host: str, port: int) -> None:
     """Start PostgreSQL, then the MLflow server; wait until it answers /health."""
+    try:
+        import mlflow  # noqa: F401
+        import psycopg2  # noqa: F401  (SQLAlchemy's PostgreSQL driver for the backend store)
+    except ImportError as err:
+        sys.exit(f"error: {err.name} is not installed: run `make install`")
     state.mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"
     _start_postgres(state)

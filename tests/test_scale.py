@@ -29,6 +29,7 @@ from tests.test_sweeps import _free_port, _sweep
 
 pytestmark = pytest.mark.slow
 SERVER = [sys.executable, str(PROJECT_ROOT / "scripts" / "server.py")]
+VARIANTS = ["lora", "rag", "rag_lora", "vanilla"]
 EVAL_ARTIFACTS = {"eval_items.json", "per_item.jsonl", "metrics.json", "per_topic.png"}
 if shutil.which("initdb") is None and not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
     pytest.skip("PostgreSQL is not installed (.ci/run installs it)", allow_module_level=True)
@@ -74,12 +75,7 @@ def _check_sweep(url: str, experiment: str) -> list:
     parent = parents[0].info.run_id
     children = _runs(url, experiment, f"tags.mlflow.parentRunId = '{parent}'")
     evals = [c for c in children if c.data.tags["qa_lab.stage"] == "evaluate"]
-    assert sorted(c.data.tags["qa_lab.variant"] for c in evals) == [
-        "lora",
-        "rag",
-        "rag_lora",
-        "vanilla",
-    ]
+    assert sorted(c.data.tags["qa_lab.variant"] for c in evals) == VARIANTS
     client = mlflow.MlflowClient()
     for c in evals:
         assert c.info.status == "FINISHED" and "rougeL_f1_ci_low" in c.data.metrics
