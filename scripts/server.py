@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import shutil
 import signal
@@ -95,11 +96,9 @@ def _healthy(url: str) -> bool:
 
 def start(state: Path, host: str, port: int) -> None:
     """Start PostgreSQL, then the MLflow server; wait until it answers /health."""
-    try:
-        import mlflow  # noqa: F401
-        import psycopg2  # noqa: F401  (SQLAlchemy's PostgreSQL driver for the backend store)
-    except ImportError as err:
-        sys.exit(f"error: {err.name} is not installed: run `make install`")
+    for module in ("mlflow", "psycopg2"):  # psycopg2: SQLAlchemy's driver for the database
+        if importlib.util.find_spec(module) is None:
+            sys.exit(f"error: {module} is not installed: run `make install`")
     state.mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"
     _start_postgres(state)
