@@ -86,6 +86,11 @@ def check_server(tracking_cfg: Any) -> None:
     if not is_server(tracking_cfg):
         return
     for name, value in (tracking_cfg.get("retry") or {}).items():
+        if name not in RETRY_ENV or not isinstance(value, int) or value < 0:
+            raise QaLabError(
+                f"tracking.retry.{name}={value!r}: expected a whole number >= 0 for one of "
+                f"{', '.join(RETRY_ENV)}"
+            )
         os.environ[RETRY_ENV[name]] = str(value)
     uri = str(tracking_cfg.uri)
     if not server_answers(uri):

@@ -141,18 +141,18 @@ def test_restart_then_submitit_sweep_loses_nothing(server, joblib_sweep, tmp_pat
 
 
 def _evaluate(tmp: Path, url: str) -> subprocess.Popen:
-    """A single evaluation of the sweep's dataset, as a user runs it, on the server."""
+    """A single evaluation, as a user runs it, on the server."""
     cmd = [
         sys.executable,
         "evaluate.py",
         *_on_server(url, "scale-drop"),
         "tracking.retry.max_retries=2",
-        "tracking.retry.backoff_factor=0.5",
+        "tracking.retry.backoff_factor=1",
         "tracking.retry.timeout_s=5",
         f"paths.cache={tmp / 'cache'}",
         f"paths.models={MODELS_DIR}",
         f"hydra.run.dir={tmp / 'outputs'}",
-        f"dataset.source={tmp / 'small.jsonl'}",
+        f"dataset.source={PROJECT_ROOT / 'data' / 'seed' / 'cs_interview.jsonl'}",
         "dataset.synthesis.backend=none",
         "eval.limit=6",
         "generation.batch_size=1",  # one answer per batch: each lands in the cache on its own
@@ -174,11 +174,11 @@ def _cached_answers(cache: Path) -> int:
         store.close()
 
 
-def test_server_drop_mid_run_fails_clearly_and_keeps_generations(server, joblib_sweep):
+def test_server_drop_mid_run_fails_clearly_and_keeps_generations(server, tmp_path):
     state, port, url = server
-    cache = joblib_sweep / "cache"  # its dataset is reused; 64-token answers are new
+    cache = tmp_path / "cache"
     before = _cached_answers(cache)
-    proc = _evaluate(joblib_sweep, url)
+    proc = _evaluate(tmp_path, url)
     deadline = time.monotonic() + 600
     while _cached_answers(cache) == before:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -195,7 +195,7 @@ def test_server_drop_mid_run_fails_clearly_and_keeps_generations(server, joblib_
     finally:
         _server("start", state, port)
     # the rerun generates nothing: every answer comes from the local cache
-    rerun = _evaluate(joblib_sweep, url)
+    rerun = _evaluate(tmp_path, url)
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err[-3000:]
     finished = _runs(url, "scale-drop", "attributes.status = 'FINISHED'")
