@@ -228,3 +228,29 @@ def test_load_parallel_processes_log_thousands_of_metrics_all_arrive(server):
         for k in range(KEYS_PER_PROCESS)
     )
     assert arrived == STEPS * KEYS_PER_PROCESS * PROCESSES  # 4000
+
+
+def _script(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    store = [f"paths.cache={tmp / 'cache'}", f"paths.mlruns={tmp / 'mlruns'}"]
+    cmd = [sys.executable, "evaluate.py", *args, *store, f"hydra.sweep.dir={tmp / 'multirun'}"]
+    return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_server_down_at_start_is_one_line_before_any_work(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}"
+    for args in (["tracking=server"], ["-m", "tracking=server", "hydra/launcher=joblib"]):
+        proc = _script(tmp_path, *args, f"tracking.uri={url}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [
+            f"error: tracking.uri={url}: tracking server unreachable; start it with `make server` "
+            "or point MLFLOW_TRACKING_URI at a running one"
+        ]
+        assert not (tmp_path / "cache").exists()
+
+
+def test_cluster_launcher_refuses_the_local_sqlite_store(tmp_path):
+    proc = _script(tmp_path, "-m", "hydra/launcher=submitit_slurm_cluster")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: hydra/launcher=submitit_slurm_cluster runs jobs on other")
+    assert "tracking=server" in proc.stderr
+    assert not list(tmp_path.rglob(".submitit"))
