@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 5000
 
-.PHONY: install run test lint ui dataset train study clean-cache
+.PHONY: install run test lint ui server server-stop server-status dataset train study clean-cache
 
 install: $(STAMP)
 
@@ -32,3 +32,19 @@ lint: $(STAMP)
 ui: $(STAMP)
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT) --workers 1
+
+# Team tracking server: PostgreSQL (project-local cluster in .server/pg, Unix socket only) and
+# `mlflow server` on $(HOST):$(PORT) serving artifacts from .server/artifacts. Data survives
+# server-stop/server; then add tracking=server to any command (or export MLFLOW_TRACKING_URI).
+# It needs the venv, not a reinstall: a server can stay up while the project is updated.
+server: | $(PY)
+	$(PY) scripts/server.py start --dir .server --host $(HOST) --port $(PORT)
+
+server-stop:
+	$(PY) scripts/server.py stop --dir .server
+
+server-status:
+	$(PY) scripts/server.py status --dir .server
+
+$(PY):
+	$(MAKE) install

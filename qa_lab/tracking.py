@@ -24,6 +24,12 @@ from qa_lab.errors import QaLabError
 PARENT_FILE = "mlflow_parent_run.json"
 PARAM_VALUE_LIMIT = 500
 TAG_PREFIX = "qa_lab."
+# tracking.retry keys -> the MLflow client's environment variables (read per request)
+RETRY_ENV = {
+    "max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
 
 
 def _quiet_mlflow() -> None:
@@ -32,8 +38,13 @@ def _quiet_mlflow() -> None:
 
 
 def configure(tracking_cfg: Any) -> str:
-    """Point MLflow at the configured store and return the experiment id (created if new)."""
+    """Point MLflow at the configured store and return the experiment id (created if new).
+
+    A server store is checked first (one quick request) so that a server that is down fails
+    in a second with its URI, not after minutes of retries or after the work is done.
+    """
     _quiet_mlflow()
+    check_server(tracking_cfg)
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -57,6 +68,47 @@ def configure(tracking_cfg: Any) -> str:
         raise QaLabError(
             f"tracking.uri={uri}: tracking server unreachable ({type(err).__name__})"
         ) from None
+
+
+def is_server(tracking_cfg: Any) -> bool:
+    """Whether the store is a tracking server (http/https), not a local file."""
+    return str(tracking_cfg.uri).startswith(("http://", "https://"))
+
+
+def check_server(tracking_cfg: Any) -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer; set its retries.
+
+    Stdlib only (no mlflow import), so scripts can call it before any work. The retry
+    settings go to MLflow's own HTTP client through its environment variables: each request
+    is retried with exponential backoff for a bounded time (`tracking.retry`), which rides
+    out a server restart, then fails.
+    """
+    if not is_server(tracking_cfg):
+        return
+    for name, value in (tracking_cfg.get("retry") or {}).items():
+        if name not in RETRY_ENV or not isinstance(value, int) or value < 0:
+            raise QaLabError(
+                f"tracking.retry.{name}={value!r}: expected a whole number >= 0 for one of "
+                f"{', '.join(RETRY_ENV)}"
+            )
+        os.environ[RETRY_ENV[name]] = str(value)
+    uri = str(tracking_cfg.uri)
+    if not server_answers(uri):
+        raise QaLabError(
+            f"tracking.uri={uri}: tracking server unreachable; start it with `make server` "
+            "or point MLFLOW_TRACKING_URI at a running one"
+        )
+
+
+def server_answers(uri: str, timeout_s: float = 5.0) -> bool:
+    """One GET of the server's /health endpoint."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def _artifact_uri(tracking_cfg: Any) -> str | None:
@@ -154,7 +206,9 @@ def start_run(
 ) -> Iterator[str]:
     """Open a run (nested under the sweep parent in a multirun) with params, tags and config.
 
-    A job that raises ends its run as FAILED and still uploads its Hydra log.
+    A job that raises ends its run as FAILED and still uploads its Hydra log. When the cause
+    is a tracking server that stopped answering (MLflow's retries are spent), the job fails
+    with one line instead: finished work stays in the local cache and a rerun resumes from it.
     """
     import mlflow
 
@@ -187,6 +241,15 @@ def start_run(
             _log_hydra_files()
         yield run.info.run_id
     except BaseException:
+        if is_server(cfg.tracking) and not server_answers(str(cfg.tracking.uri)):
+            # no second round of retries: MLflow's exit hook would end the run over HTTP
+            os.environ[RETRY_ENV["max_retries"]] = "0"
+            raise QaLabError(
+                f"tracking.uri={cfg.tracking.uri}: the tracking server stopped answering and "
+                f"did not come back within tracking.retry; finished work (generations, adapters, "
+                f"datasets) is kept under paths.cache={cfg.paths.cache}: rerun the same command "
+                "once the server is back"
+            ) from None
         _log_hydra_log()
         mlflow.end_run(status="FAILED")
         raise
