@@ -88,6 +88,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
 
 
+def lock(path: Path, purpose: str) -> FileLock:
+    """A lock file beside `path`, for check-then-act steps that parallel jobs share."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{path}.{purpose}.lock")
+
+
 def build_once(folder: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, bool]:
     """Build a stage folder once, even when parallel jobs ask for it at the same time.
 

@@ -24,6 +24,7 @@ from qa_lab.cache import (
     build_once,
     file_sha256,
     is_finished,
+    lock,
     read_manifest,
     stage_key,
     tree_sha256,
@@ -106,8 +107,10 @@ def build_dataset(cfg: DictConfig) -> Path:
     folder, key = dataset_folder(cfg)
     if not is_finished(folder):
         folder, built = build_once(folder, lambda tmp: _build_dataset_into(cfg, key, tmp))
-    if tracking.find_finished_run("dataset", key, tracking.configure(cfg.tracking)) is None:
-        _log_dataset_run(cfg, folder, key)
+    # Locked so that parallel sweep jobs reaching this together log one dataset run, not two.
+    with lock(folder, "mlflow"):
+        if tracking.find_finished_run("dataset", key, tracking.configure(cfg.tracking)) is None:
+            _log_dataset_run(cfg, folder, key)
     return folder
 
 
