@@ -107,6 +107,8 @@ def test_joblib_sweep_on_server_trains_adapter_once(server, joblib_sweep):
     trains = [c for c in children if c.data.tags["qa_lab.stage"] == "train"]
     # both LoRA jobs asked for the adapter at once: one trained it, any other reused it
     assert [c.data.tags["qa_lab.reused"] for c in trains].count("false") == 1
+    # and the dataset both parallel jobs built once is logged once
+    assert [c.data.tags["qa_lab.stage"] for c in children].count("dataset") == 1
     built = next(c for c in trains if c.data.tags["qa_lab.reused"] == "false")
     assert "train/loss" in built.data.metrics
     adapter_files = {
