@@ -539,6 +539,7 @@ def evaluate(cfg: DictConfig) -> str:
                 "reference": it.answer,
                 "prediction": p.prediction,
                 "topic": it.topic,
+                "difficulty": it.difficulty,
                 "seed_id": it.seed_id or it.id,
                 "stop_reason": p.stop_reason,
                 "prompt_tokens": p.prompt_tokens,
@@ -556,8 +557,9 @@ def evaluate(cfg: DictConfig) -> str:
                     for x in ps
                 ],
                 "prompt": text,
+                "messages": m,
             }
-            for it, p, ps, text in zip(items, preds, passages, prompt_texts)
+            for it, p, ps, text, m in zip(items, preds, passages, prompt_texts, messages)
         ]
         fresh = [r for r in rows if not r["cached"]]
         speed = {"generation_wall_s": wall, "answers_generated": len(fresh)}
@@ -597,7 +599,7 @@ def score_and_log(cfg: DictConfig, rows: list[dict[str, Any]], speed: dict[str, 
     tracking.log_metrics({k: v for k, v in result["corpus"].items() if isinstance(v, float)})
     table = [
         {
-            **{k: v for k, v in r.items() if k not in ("retrieved", "prompt")},
+            **{k: v for k, v in r.items() if k not in ("retrieved", "prompt", "messages")},
             "retrieved": "\n\n".join(
                 f"[{x['score']}] {x['question']} -> {x['answer']}" for x in r.get("retrieved", [])
             ),
@@ -618,6 +620,13 @@ def score_and_log(cfg: DictConfig, rows: list[dict[str, Any]], speed: dict[str, 
     tracking.log_text(reporting.samples_md(rows, cfg.metrics.samples), "samples.md")
     tracking.log_figure(reporting.topic_figure(result["topics"]), "per_topic.png")
     print(reporting.metric_table_md(result["ci"]))
+    if cfg.tracking.traces:
+        tracking.publish_item_traces(
+            rows,
+            result["per_item"],
+            model=f"{cfg.llm.name}+lora" if cfg.model.kind == "lora" else str(cfg.llm.name),
+            metrics_version=int(result["corpus"]["metrics_version"]),
+        )
 
 
 def score_rows(cfg: DictConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
