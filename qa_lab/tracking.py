@@ -460,6 +460,29 @@ def _token_usage(row: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+def _child_span(
+    root: Any,
+    kind: tuple[str, str],
+    inputs: Any,
+    outputs: Any,
+    times_ns: tuple[int, int],
+    attributes: dict[str, Any] | None = None,
+) -> None:
+    """A finished child span (name, span type) under the item's root span."""
+    import mlflow
+
+    name, span_type = kind
+    span = mlflow.start_span_no_context(
+        name,
+        span_type=span_type,
+        parent_span=root,
+        inputs=inputs,
+        attributes=attributes,
+        start_time_ns=times_ns[0],
+    )
+    span.end(outputs=outputs, end_time_ns=times_ns[1])
+
+
 def _publish_item(
     row: Mapping[str, Any],
     scores: Mapping[str, float],
@@ -493,22 +516,21 @@ def _publish_item(
         tags=dict(tags),
     )
     if row.get("retrieved"):
-        span = mlflow.start_span_no_context(
-            "retrieve",
-            span_type=SpanType.RETRIEVER,
-            parent_span=root,
-            inputs={"query": row["question"]},
-            start_time_ns=start,
+        _child_span(
+            root,
+            ("retrieve", SpanType.RETRIEVER),
+            {"query": row["question"]},
+            _documents(row["retrieved"]),
+            (start, start),
         )
-        span.end(outputs=_documents(row["retrieved"]), end_time_ns=start)
     if row.get("messages"):
-        span = mlflow.start_span_no_context(
-            "generate",
-            span_type=SpanType.LLM,
-            parent_span=root,
-            inputs={"messages": row["messages"]},
+        _child_span(
+            root,
+            ("generate", SpanType.LLM),
+            {"messages": row["messages"]},
+            answer,
             # 1 µs after retrieval, so the UI lists the spans in the order they ran
-            start_time_ns=start + 1000,
+            (start + 1000, end + 1000),
             attributes={
                 "mlflow.llm.model": model,
                 **_token_usage(row),
@@ -516,7 +538,6 @@ def _publish_item(
                 "cached": bool(row.get("cached", False)),
             },
         )
-        span.end(outputs=answer, end_time_ns=end + 1000)
     with _active_span(root):
         mlflow.log_assessment(
             root.trace_id,
