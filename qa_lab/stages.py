@@ -549,7 +549,8 @@ def evaluate(cfg: DictConfig) -> str:
         make_generator = functools.cache(
             functools.partial(_local_generator, cfg, tokenizer, params, adapter)
         )
-    prompt_texts = _prompt_texts(cfg, render, items, passages)
+    messages = _messages(cfg, items, passages)
+    prompt_texts = [render(m) for m in messages]
 
     variant = variant_name(cfg)
     tags = {
@@ -567,7 +568,7 @@ def evaluate(cfg: DictConfig) -> str:
             [it.id for it in items], prompt_texts, params, make_generator, cache, model_key
         )
         wall = time.perf_counter() - started
-        rows = _answer_rows(items, preds, passages, prompt_texts, params.max_new_tokens)
+        rows = _answer_rows(items, preds, passages, messages, prompt_texts, params.max_new_tokens)
         nearest = _nearest_train_cosine(cfg, data_folder, items)
         threshold = float(cfg.eval.near_dup_threshold)
         for row, cosine in zip(rows, nearest):
@@ -585,14 +586,20 @@ def evaluate(cfg: DictConfig) -> str:
         sample = train_sample(cfg, data_folder)
         if sample:
             closed_book: list[list[Any]] = [[] for _ in sample]
-            sample_prompts = _prompt_texts(cfg, render, sample, closed_book)
+            sample_messages = _messages(cfg, sample, closed_book)
+            sample_prompts = [render(m) for m in sample_messages]
             sample_preds = generate_cached(
                 [it.id for it in sample], sample_prompts, params, make_generator, cache, model_key
             )
             _log_train_sample(
                 cfg,
                 _answer_rows(
-                    sample, sample_preds, closed_book, sample_prompts, params.max_new_tokens
+                    sample,
+                    sample_preds,
+                    closed_book,
+                    sample_messages,
+                    sample_prompts,
+                    params.max_new_tokens,
                 ),
             )
     return run_id
@@ -615,18 +622,13 @@ def _local_generator(cfg: DictConfig, tokenizer: Any, params: Any, adapter: Path
     return LocalGenerator(model, tokenizer, params, int(cfg.generation.batch_size))
 
 
-def _prompt_texts(
-    cfg: DictConfig,
-    render: Callable[[list[dict[str, str]]], str],
-    items: list[QAItem],
-    passages: list[list[Any]],
-) -> list[str]:
-    """What each item's request is: a rendered prompt (local) or the chat body (openai)."""
+def _messages(
+    cfg: DictConfig, items: list[QAItem], passages: list[list[Any]]
+) -> list[list[dict[str, str]]]:
+    """Each item's chat messages: the configured system prompt, its context, its question."""
     return [
-        render(
-            prompts.build_messages(
-                it.question, ps, system=cfg.prompt.system, context_header=cfg.prompt.context_header
-            )
+        prompts.build_messages(
+            it.question, ps, system=cfg.prompt.system, context_header=cfg.prompt.context_header
         )
         for it, ps in zip(items, passages)
     ]
@@ -636,6 +638,7 @@ def _answer_rows(
     items: list[QAItem],
     preds: list[Any],
     passages: list[list[Any]],
+    messages: list[list[dict[str, str]]],
     prompt_texts: list[str],
     max_new_tokens: int,
 ) -> list[dict[str, Any]]:
@@ -648,6 +651,7 @@ def _answer_rows(
             **({"references": list(it.references)} if it.references else {}),
             "prediction": p.prediction,
             "topic": it.topic,
+            "difficulty": it.difficulty,
             "seed_id": it.seed_id or it.id,
             "stop_reason": p.stop_reason,
             "prompt_tokens": p.prompt_tokens,
@@ -665,8 +669,9 @@ def _answer_rows(
                 for x in ps
             ],
             "prompt": text,
+            "messages": m,
         }
-        for it, p, ps, text in zip(items, preds, passages, prompt_texts)
+        for it, p, ps, m, text in zip(items, preds, passages, messages, prompt_texts)
     ]
 
 
@@ -768,7 +773,7 @@ def score_and_log(cfg: DictConfig, rows: list[dict[str, Any]], speed: dict[str, 
     tracking.log_metrics({k: v for k, v in result["corpus"].items() if isinstance(v, float)})
     table = [
         {
-            **{k: v for k, v in r.items() if k not in ("retrieved", "prompt")},
+            **{k: v for k, v in r.items() if k not in ("retrieved", "prompt", "messages")},
             "retrieved": "\n\n".join(
                 f"[{x['score']}] {x['question']} -> {x['answer']}" for x in r.get("retrieved", [])
             ),
@@ -789,6 +794,13 @@ def score_and_log(cfg: DictConfig, rows: list[dict[str, Any]], speed: dict[str, 
     tracking.log_text(reporting.samples_md(rows, cfg.metrics.samples), "samples.md")
     tracking.log_figure(reporting.topic_figure(result["topics"]), "per_topic.png")
     print(reporting.metric_table_md(result["ci"]))
+    if cfg.tracking.traces:
+        tracking.publish_item_traces(
+            rows,
+            result["per_item"],
+            model=f"{cfg.llm.name}+lora" if cfg.model.kind == "lora" else str(cfg.llm.name),
+            metrics_version=int(result["corpus"]["metrics_version"]),
+        )
 
 
 def score_rows(cfg: DictConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:

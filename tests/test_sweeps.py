@@ -46,7 +46,7 @@ def _sweep(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
         "++model.epochs=1",
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -189,7 +189,48 @@ def test_mlflow_ui_shows_sweep_in_browser(basic_sweep):
             page.wait_for_selector("text=qa-lab comparison report", timeout=60_000)
             assert page.locator("img").count() >= 2
             page.screenshot(path=str(ARTIFACTS / "mlflow_report.png"), full_page=True)
+            _check_item_traces(page, url, exp_id, evals)
             browser.close()
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _item_traces(run) -> dict[str, object]:
+    traces = mlflow.search_traces(
+        locations=[run.info.experiment_id], run_id=run.info.run_id, return_type="list"
+    )
+    return {
+        next(s for s in t.data.spans if s.parent_id is None).inputs["item_id"]: t for t in traces
+    }
+
+
+def _check_item_traces(page, url: str, exp_id: str, evals: list) -> None:
+    """The rag run's Traces tab compared to the vanilla run: paired items with score deltas,
+    and one item's trace showing the passages it was given."""
+    by_variant = {c.data.tags["qa_lab.variant"]: c for c in evals}
+    rag, vanilla = by_variant["rag"], by_variant["vanilla"]
+    rag_traces, vanilla_traces = _item_traces(rag), _item_traces(vanilla)
+    assert sorted(rag_traces) == sorted(vanilla_traces) and len(rag_traces) == 6
+    item = sorted(rag_traces)[0]
+    traces_tab = f"{url}/#/experiments/{exp_id}/runs/{rag.info.run_id}/traces"
+    page.set_viewport_size({"width": 1900, "height": 1100})  # the paired table is wide
+    page.goto(traces_tab, timeout=120_000)
+    page.get_by_text(rag_traces[item].info.trace_id).first.wait_for(timeout=120_000)
+    page.get_by_text("baseline run").first.click()
+    page.wait_for_timeout(2000)  # the run list opens below the selector
+    page.get_by_text(vanilla.info.run_name).last.click(timeout=60_000)
+    # paired rows: each item lists its trace in both runs
+    for traces in (rag_traces, vanilla_traces):
+        page.get_by_text(traces[item].info.trace_id).first.wait_for(timeout=60_000)
+    assert "baseline run" not in page.inner_text("body")
+    page.screenshot(path=str(ARTIFACTS / "mlflow_traces_compare.png"))
+    # one item's trace: its retriever span lists the retrieved passages
+    page.goto(traces_tab, timeout=120_000)
+    page.reload()
+    page.get_by_text(f'"item_id": "{item}"').first.click(timeout=120_000)
+    page.get_by_text("retrieve", exact=True).first.click(timeout=60_000)
+    retriever = next(s for s in rag_traces[item].data.spans if s.span_type == "RETRIEVER")
+    for doc in retriever.outputs:
+        page.get_by_text(f'"{doc["metadata"]["doc_uri"]}"').first.wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "mlflow_trace_retrieval.png"))
