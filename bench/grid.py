@@ -47,7 +47,10 @@ FROM runs r WHERE r.start_time >= ? ORDER BY r.end_time
 
 def study(root: Path, extra: list[str], cold_models: bool) -> list[str]:
     """The `make run` command line, with every output under `root`."""
-    models = root / "cache" / "models" if cold_models else Path(".cache/models").resolve()
+    from qa_lab.config import PROJECT_ROOT
+
+    shared = PROJECT_ROOT / ".cache" / "models"  # not resolved: it may be a symlink to share
+    models = root / "cache" / "models" if cold_models else shared
     return [
         sys.executable,
         "evaluate.py",

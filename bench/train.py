@@ -6,7 +6,7 @@
 Both sides train the embedded SmolLM2-135M-Instruct on the same tokenized rows of the original
 study's train split (prompt + answer + end-of-turn, loss on the answer only), with the same
 LoRA config (conf/model/lora.yaml), learning rate, schedule, batch size and seed. The plain run
-takes TRL's defaults for everything else (random batches padded to their longest row, TRL's
+takes TRL's defaults for everything else but bf16 (refused on CPU) (random batches padded to their longest row, TRL's
 own loss and activation checkpointing); qa-lab's is `training.build_trainer` as `train.py`
 builds it. Throughput counts real (non-padding) tokens over training time. The loss curves are
 printed side by side, and both adapters are scored on the same validation rows: equal within
@@ -16,6 +16,7 @@ noise means the speed-up changed nothing the model learns.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,7 @@ def plain_trainer(model: Any, tok: Any, train_ds: Any, lora_cfg: Any, out_dir: P
     args = SFTConfig(
         output_dir=str(out_dir),
         report_to="none",
+        bf16=False,  # TRL's default; refused without a GPU
         seed=int(lora_cfg.seed),
         num_train_epochs=float(lora_cfg.epochs),
         per_device_train_batch_size=int(lora_cfg.batch_size),
@@ -102,6 +104,7 @@ def main() -> None:
     from qa_lab.config import PROJECT_ROOT
 
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # build_trainer keeps it (else: all CPUs)
     print(machine())
     print(versions("torch", "transformers", "trl", "peft"))
     conf = PROJECT_ROOT / "conf"

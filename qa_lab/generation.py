@@ -161,7 +161,7 @@ class LocalGenerator:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -188,7 +188,7 @@ class LocalGenerator:
                 input_ids=tokens[:, None],
                 attention_mask=attention_mask,
                 position_ids=last_pos,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).logits[:, -1]
         return out

@@ -389,7 +389,7 @@ def test_cpu_loss_equals_stock_trl_loss_on_the_same_batch(
         pytest.skip("with CUDA qa-lab trains with the stock SFTTrainer")
     plain = SFTTrainer(
         model=fresh_model(llm_cfg),
-        args=SFTConfig(output_dir=str(tmp_path / "plain"), report_to="none"),
+        args=SFTConfig(output_dir=str(tmp_path / "plain"), report_to="none", bf16=False),
         train_dataset=ours.train_dataset,
         processing_class=tokenizer,
         peft_config=training.lora_config(train_cfg.model),
