@@ -191,7 +191,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(machine())
-    print(versions("torch", "transformers", "llama_cpp_python"))
+    print(versions("torch", "transformers", "llama-cpp-python"))
     peak = matmul_peak_gflops()
     llm = OmegaConf.load(PROJECT_ROOT / "conf" / "llm" / "smollm2_135m_instruct.yaml")
     llm.device = "cpu"
@@ -239,11 +239,12 @@ def main() -> None:
         print(
             f"qa-lab vs llama.cpp: {ours.answers_per_s / llama.answers_per_s:.2f}x answers/s (goal >= 3x)"
         )
-    for side in (original, plain, ours, llama):
-        if side is not None:
-            print(
-                f"{side.name}: {side.tokens_per_s / bound:.0%} of the matmul bound (goal >= 40% for qa-lab)"
-            )
+    shares = ", ".join(
+        f"{side.name.split(')')[0]}) {side.tokens_per_s / bound:.0%}"
+        for side in (original, plain, ours, llama)
+        if side is not None
+    )
+    print(f"share of the matmul bound in tokens/s: {shares} (goal for (c): >= 40%)")
     if not check_answers(ours.answers, plain, original):
         sys.exit(1)
 
