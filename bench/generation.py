@@ -35,6 +35,8 @@ from bench.common import (  # noqa: E402
 )
 
 STOP_STRINGS = ("\nQuestion:", "\nQ:", "<|im_start|>")  # conf/generation.yaml's defaults
+# Greedy, with the model's own sampling defaults (generation_config.json) switched off.
+GREEDY: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 @dataclass
@@ -80,10 +82,7 @@ def original_loop(model: Any, tok: Any, texts: list[str], max_new: int) -> tuple
                 **enc,
                 max_new_tokens=max_new,
                 min_new_tokens=max_new,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
+                **GREEDY,
                 pad_token_id=tok.pad_token_id,
             )
         new = out[0, enc["input_ids"].shape[1] :]
@@ -105,10 +104,7 @@ def plain_generate(gen: Any, texts: list[str]) -> tuple[list[str], int]:
             out = gen.model.generate(
                 **enc,
                 max_new_tokens=gen.params.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
+                **GREEDY,
                 eos_token_id=gen.eos_ids,
                 pad_token_id=gen.tokenizer.pad_token_id,
                 stop_strings=list(gen.params.stop_strings),
