@@ -61,6 +61,9 @@ def plain_trainer(model: Any, tok: Any, train_ds: Any, lora_cfg: Any, out_dir: P
         lr_scheduler_type=str(lora_cfg.lr_scheduler),
         warmup_steps=float(lora_cfg.warmup_ratio),
         max_length=int(lora_cfg.max_length),
+        # TRL's default (None) ignores the completion mask of pre-tokenized rows and puts the
+        # loss on the prompt too (531 supervised tokens instead of 197 on 8 rows).
+        completion_only_loss=True,
         logging_steps=1,
         save_strategy="no",
         disable_tqdm=True,
