@@ -80,12 +80,12 @@ def run_phase(name: str, cmd: list[str], root: Path) -> float:
     with sqlite3.connect(root / "mlruns" / "mlflow.db") as db:
         runs = db.execute(RUNS_SQL, (started_ms,)).fetchall()
     print(f"{name}: {wall:.1f}s wall for the whole command")
-    print(f"  {'stage':10} {'variant':9} {'run s':>8} {'since prev s':>13}  run name")
+    print(f"  {'stage':14} {'variant':9} {'run s':>8} {'since prev s':>13}  run name")
     previous = started_ms
     for start_ms, end_ms, run_name, stage, variant in runs:
         end_ms = end_ms or start_ms
         own, since = (end_ms - start_ms) / 1000, (end_ms - previous) / 1000
-        print(f"  {stage or '-':10} {variant or '-':9} {own:8.1f} {since:13.1f}  {run_name}")
+        print(f"  {stage or '-':14} {variant or '-':9} {own:8.1f} {since:13.1f}  {run_name}")
         previous = max(previous, end_ms)
     return wall
 
