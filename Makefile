@@ -5,7 +5,8 @@ STAMP   := .venv/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 5000
 
-.PHONY: install run test lint ui server server-stop server-status dataset train study clean-cache
+.PHONY: install run test lint ui server server-stop server-status dataset train study clean-cache \
+	bench bench-deps bench-smoke
 
 install: $(STAMP)
 
@@ -48,3 +49,21 @@ server-status:
 
 $(PY):
 	$(MAKE) install
+
+# Benchmarks (docs/benchmarks.md): each prints its figures and ratios measured side by side.
+# llama.cpp is only needed for bench/generation.py's llama.cpp side; it compiles from source.
+bench-deps: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -c constraints.txt -e '.[bench]'
+
+bench: $(STAMP)
+	$(PY) bench/generation.py
+	$(PY) bench/train.py
+	$(PY) bench/dedup.py
+	$(PY) bench/grid.py
+
+# The same scripts at tiny sizes: checks that they run, the figures mean little.
+bench-smoke: $(STAMP)
+	$(PY) bench/generation.py --n 8 --original-n 2 --max-new-tokens 32 --batch-size 8
+	$(PY) bench/train.py --rows 16 --val-rows 8
+	$(PY) bench/dedup.py --sizes 2000 --naive-limit 2000
+	$(PY) bench/grid.py --smoke

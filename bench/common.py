@@ -14,6 +14,7 @@ REFERENCE = PROJECT_ROOT.parent / "shared" / "reference" / "rag-technical-qa"
 
 
 def machine() -> str:
+    """CPU model, core count, torch threads and today's date: the header of every result."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -30,6 +31,24 @@ def machine() -> str:
     )
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container may see more cores than it is allowed)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def versions(*packages: str) -> str:
+    """Installed versions of the packages that decide a benchmark's speed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in packages:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
 def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
     """Best fp32 GEMM rate of this machine, the compute bound for generation."""
     import torch
@@ -44,10 +63,15 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
     return best
 
 
-def reference_questions(limit: int) -> list[str]:
-    """Test questions of the original study (the shared reference data), else the seeds."""
-    path = REFERENCE / "test.jsonl"
+def reference_rows(split: str, limit: int) -> list[dict[str, str]]:
+    """Question/answer rows of the original study's split (shared reference data), else seeds."""
+    path = REFERENCE / f"{split}.jsonl"
     if not path.is_file():
         path = PROJECT_ROOT / "data" / "seed" / "cs_interview.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["question"] for r in rows[:limit]]
+    return rows[:limit]
+
+
+def reference_questions(limit: int) -> list[str]:
+    """Test questions of the original study, the prompts every generation side answers."""
+    return [row["question"] for row in reference_rows("test", limit)]

@@ -15,12 +15,17 @@ QUESTIONS = [
 ]
 
 
-def _prompts(tokenizer):
+# Greedy SmolLM2 ends these within a few tokens: with QUESTIONS they make a batch whose rows
+# finish at different steps (end of turn, stop string, length).
+SHORT = ["Reply with only the word yes.", "Name one prime number. One word only."]
+
+
+def _prompts(tokenizer, questions=QUESTIONS):
     return [
         prompts.render_prompt(
             tokenizer, prompts.build_messages(q, [], system="Answer briefly.", context_header="")
         )
-        for q in QUESTIONS
+        for q in questions
     ]
 
 
@@ -68,6 +73,34 @@ def test_batched_equals_one_at_a_time_and_stops(base_model, tokenizer):
         assert a["stop_reason"] in {"eos", "length", "stop_string"}
         assert 0 < a["generated_tokens"] <= 24
         assert "<|im_end|>" not in a["prediction"] and "assistant" not in a["prediction"][:10]
+
+
+def test_finished_rows_leave_the_batch_with_generates_answers(base_model, tokenizer):
+    """Dropping finished rows mid-batch changes no answer, token count or stop reason."""
+    import torch
+
+    params = GenParams(max_new_tokens=24, stop_strings=("\nQuestion:", " data structure"))
+    texts = _prompts(tokenizer, QUESTIONS[:3] + SHORT)
+    gen = LocalGenerator(base_model, tokenizer, params, batch_size=len(texts))
+    ours = gen.generate_batch(texts)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = base_model.generate(
+            **enc,
+            max_new_tokens=24,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=gen.eos_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_strings=list(params.stop_strings),
+            tokenizer=tokenizer,
+        )
+    reference = [gen._finish(new, 0, 0.0) for new in out[:, enc["input_ids"].shape[1] :].tolist()]
+    fields = ("prediction", "generated_tokens", "stop_reason")
+    assert [[a[f] for f in fields] for a in ours] == [[a[f] for f in fields] for a in reference]
+    assert {a["stop_reason"] for a in ours} == {"eos", "stop_string", "length"}
 
 
 def test_cache_resumes_and_warm_rerun_generates_nothing(base_model, tokenizer, tmp_path: Path):

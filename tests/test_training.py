@@ -369,3 +369,34 @@ def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_loss_equals_stock_trl_loss_on_the_same_batch(
+    llm_cfg, tokenizer, examples, train_cfg, tmp_path
+):
+    """The faster CPU loss path computes stock TRL's number: the speed-up changes no gradient."""
+    from trl import SFTConfig, SFTTrainer
+
+    ours = training.build_trainer(
+        model=fresh_model(llm_cfg),
+        tokenizer=tokenizer,
+        train_examples=examples,
+        val_examples=[],
+        lora_cfg=train_cfg.model,
+        out_dir=tmp_path / "ours",
+    )
+    if type(ours) is SFTTrainer:
+        pytest.skip("with CUDA qa-lab trains with the stock SFTTrainer")
+    plain = SFTTrainer(
+        model=fresh_model(llm_cfg),
+        args=SFTConfig(output_dir=str(tmp_path / "plain"), report_to="none", bf16=False),
+        train_dataset=ours.train_dataset,
+        processing_class=tokenizer,
+        peft_config=training.lora_config(train_cfg.model),
+    )
+    batch = next(iter(ours.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    with torch.no_grad():
+        loss = ours.compute_loss(ours.model, batch).item()
+        stock = plain.compute_loss(plain.model, batch).item()
+    assert loss == pytest.approx(stock, rel=1e-4)
