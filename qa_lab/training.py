@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qa_lab.errors import QaLabError
+from qa_lab.prompts import fit_template
 
 MetricsFn = Callable[[dict[str, float], int], None]
 
@@ -58,7 +59,10 @@ def _opt(cfg: Mapping[str, Any] | Any, key: str) -> Any:
 def _chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, prompt: bool) -> list[int]:
     """Token ids of messages rendered by the chat template (a generation prompt if `prompt`)."""
     encoded = tokenizer.apply_chat_template(
-        list(messages), tokenize=True, add_generation_prompt=prompt, return_dict=True
+        fit_template(tokenizer, list(messages)),
+        tokenize=True,
+        add_generation_prompt=prompt,
+        return_dict=True,
     )
     return list(encoded["input_ids"])
 
