@@ -447,15 +447,20 @@ def _train_vs_test(runs: list[dict[str, Any]]) -> list[str]:
         if f"train_sample/{TOPIC_METRICS[0]}" in r["metrics"]
         and (r["params"].get("retriever.kind") == "none" or r["params"].get("retriever.k") == "0")
     ]
-    if not closed_book:
+    shown = [
+        m
+        for m in TOPIC_METRICS
+        if all(m in r["ci"] and f"train_sample/{m}" in r["metrics"] for r in closed_book)
+    ]
+    if not closed_book or not shown:
         return []
     header = ["config"]
-    for m in TOPIC_METRICS:
+    for m in shown:
         header += [f"{m} test", f"{m} train", "train − test"]
     table = []
     for r in closed_book:
         cells = [r["label"]]
-        for m in TOPIC_METRICS:
+        for m in shown:
             train = {
                 k: r["metrics"][f"train_sample/{m}{suffix}"]
                 for k, suffix in (("mean", ""), ("low", "_ci_low"), ("high", "_ci_high"))
