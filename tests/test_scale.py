@@ -157,6 +157,7 @@ def _evaluate(tmp: Path, url: str) -> subprocess.Popen:
         f"dataset.source={PROJECT_ROOT / 'data' / 'seed' / 'cs_interview.jsonl'}",
         "dataset.synthesis.backend=none",
         "eval.limit=6",
+        "eval.train_sample=0",
         "generation.batch_size=1",  # one answer per batch: each lands in the cache on its own
         "generation.max_new_tokens=64",
         "generation.threads=1",

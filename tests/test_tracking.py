@@ -71,6 +71,7 @@ def test_two_evaluate_runs_publish_paired_item_traces(store, tmp_path):
         f"dataset.source={source}",
         "dataset.synthesis.backend=none",
         f"eval.limit={LIMIT}",
+        "eval.train_sample=0",
         "generation.max_new_tokens=8",
         "metrics=lexical",
         "metrics.bootstrap.resamples=50",
