@@ -62,9 +62,12 @@ class MlflowSweepCallback(Callback):
                 from qa_lab import reporting
 
                 reporting.report_sweep(config, run_id)
-        except Exception:
+        except Exception as err:
+            # Hydra turns a callback's exception into a warning and exits 0; a sweep whose
+            # report failed must not look finished, so say it in one line and exit 2.
             status = "FAILED"
-            raise
+            print(f"error: report for sweep run {run_id} failed: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
         finally:
             tracking.end_run_by_id(run_id, status)
 
