@@ -214,6 +214,9 @@ def _check_item_traces(page, url: str, exp_id: str, evals: list) -> None:
     assert sorted(rag_traces) == sorted(vanilla_traces) and len(rag_traces) == 6
     item = sorted(rag_traces)[0]
     traces_tab = f"{url}/#/experiments/{exp_id}/runs/{rag.info.run_id}/traces"
+    # a fresh tab: the caller's page holds the report set as plain HTML, where navigating to
+    # another hash of the same URL would not load the MLflow app again
+    page = page.context.new_page()
     page.set_viewport_size({"width": 1900, "height": 1100})  # the paired table is wide
     page.goto(traces_tab, timeout=120_000)
     page.get_by_text(rag_traces[item].info.trace_id).first.wait_for(timeout=120_000)
