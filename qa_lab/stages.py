@@ -569,7 +569,8 @@ def evaluate(cfg: DictConfig) -> str:
         )
         wall = time.perf_counter() - started
         rows = _answer_rows(items, preds, passages, messages, prompt_texts, params.max_new_tokens)
-        nearest = _nearest_train_cosine(cfg, data_folder, items)
+        train_items = read_split(data_folder, "train")
+        nearest = _nearest_train_cosine(cfg, items, train_items)
         threshold = float(cfg.eval.near_dup_threshold)
         for row, cosine in zip(rows, nearest):
             row.update(nearest_train_cosine=round(cosine, 4), near_dup=cosine >= threshold)
@@ -583,7 +584,7 @@ def evaluate(cfg: DictConfig) -> str:
             )
         tracking.log_metrics(_leakage_metrics(data_folder))
         score_and_log(cfg, rows, speed)
-        sample = train_sample(cfg, data_folder)
+        sample = train_sample(cfg, train_items)
         if sample:
             closed_book: list[list[Any]] = [[] for _ in sample]
             sample_messages = _messages(cfg, sample, closed_book)
@@ -675,7 +676,7 @@ def _answer_rows(
     ]
 
 
-def _nearest_train_cosine(cfg: DictConfig, data_folder: Path, items: list[QAItem]) -> list[float]:
+def _nearest_train_cosine(cfg: DictConfig, items: list[QAItem], train: list[QAItem]) -> list[float]:
     """Cosine of each eval question to its nearest training question (embedded MiniLM).
 
     Scores on items with a near-duplicate in the training split measure recall of seen
@@ -691,11 +692,11 @@ def _nearest_train_cosine(cfg: DictConfig, data_folder: Path, items: list[QAItem
             batch_size=int(cfg.embedder.batch_size),
         )
 
-    _, best = data.nearest_neighbours(vectors(items), vectors(read_split(data_folder, "train")))
+    _, best = data.nearest_neighbours(vectors(items), vectors(train))
     return [float(b) for b in best]
 
 
-def train_sample(cfg: DictConfig, data_folder: Path) -> list[QAItem]:
+def train_sample(cfg: DictConfig, train: list[QAItem]) -> list[QAItem]:
     """A fixed, seeded sample of training items (`eval.train_sample` of them, 0 = none).
 
     Answered closed-book by every evaluate run: a fine-tune far better on these than on the
@@ -704,7 +705,6 @@ def train_sample(cfg: DictConfig, data_folder: Path) -> list[QAItem]:
     n = int(cfg.eval.train_sample or 0)
     if n <= 0:
         return []
-    train = read_split(data_folder, "train")
     return random.Random(int(cfg.seed)).sample(train, min(n, len(train)))
 
 
