@@ -3,6 +3,7 @@ and the result checked in the MLflow UI in a real headless browser."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.entities import Feedback
+from playwright.sync_api import expect, sync_playwright
 
 from qa_lab.config import PROJECT_ROOT
 from qa_lab.jsonl import read_jsonl, write_jsonl
@@ -122,8 +125,6 @@ def test_mlflow_ui_shows_sweep_in_browser(basic_sweep):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian chromium is not installed (make test installs it)")
-    from playwright.sync_api import sync_playwright
-
     tmp, _ = basic_sweep
     store = tmp / "mlruns"
     parent, children = _check_parent(store)
@@ -205,13 +206,130 @@ def _item_traces(run) -> dict[str, object]:
     }
 
 
+# Per-item scores that vary between configs. The UI shows the first few feedbacks by default,
+# 0/1 flags (`copied`, `empty`, ...) equal in both runs on most items: a delta of 0 proves nothing.
+SCORE_COLUMNS = ("rougeL_f1", "token_f1", "sentence_bleu")
+COMPARE_PICKER = (
+    'span:text-is("compare to") + div '
+    '[data-component-id="mlflow.evaluations_review.table_ui.compare_to_run_button"]'
+)
+
+
+def _scores(traces: dict[str, object]) -> dict[str, dict[str, float]]:
+    """Item id -> {feedback name: value}: what the UI's assessment columns show."""
+    return {
+        item: {a.name: a.value for a in t.info.assessments if isinstance(a, Feedback)}
+        for item, t in traces.items()
+    }
+
+
+def _score_column(rag: dict, vanilla: dict) -> tuple[str, float]:
+    """The score whose average differs most between the two runs, and that difference (rag minus
+    vanilla), so the header's delta and the per-item arrows have something real to show."""
+    deltas = {}
+    for name in SCORE_COLUMNS:
+        pairs = [
+            (rag[i][name], vanilla[i][name]) for i in rag if name in rag[i] and name in vanilla[i]
+        ]
+        if len(pairs) == len(rag):  # the UI averages what is there; keep it comparable
+            deltas[name] = sum(a - b for a, b in pairs) / len(pairs)
+    assert deltas, "no score column has a value for every item in both runs"
+    column = max(deltas, key=lambda n: abs(deltas[n]))
+    assert abs(deltas[column]) >= 0.005, deltas  # shown with 2 decimals: must not round to 0
+    return column, deltas[column]
+
+
+def _compare_to(page, run) -> None:
+    """Pick `run` in the "compare to" picker. Both pickers share one component id and the sweep's
+    run names look alike, so: the button right after the "compare to" label, the listbox that
+    this button controls, and the one option whose whole text is its colour swatch's hex code
+    and the exact run name. The URL then names the run picked."""
+    picker = page.locator(COMPARE_PICKER)
+    picker.click()
+    listbox = page.locator(f'[role="listbox"][id="{picker.get_attribute("aria-controls")}"]')
+    swatch_and_name = re.compile(rf"^#[0-9a-fA-F]{{6}}\s*{re.escape(run.info.run_name)}$")
+    option = listbox.get_by_role("option").filter(has_text=swatch_and_name)
+    assert option.count() == 1, listbox.inner_text()
+    option.click()
+    expect(picker).to_have_text(swatch_and_name)
+    assert f"compareToRunUuid={run.info.run_id}" in page.url, page.url
+
+
+def _show_columns(page, wanted: set[str], names: set[str]) -> None:
+    """Through the Columns selector, show the assessment columns in `wanted` and hide the rest
+    of `names` (the selector's own state: checked options have aria-selected=true)."""
+    button = page.get_by_test_id("column-selector-button")
+    button.click()
+    listbox = page.locator(f'[id="{button.get_attribute("aria-controls")}"]')
+    for name in sorted(names):
+        option = listbox.get_by_role("option").filter(has=page.get_by_text(name, exact=True))
+        if option.count() == 0:  # a feedback the selector does not offer is not shown either
+            continue
+        if (option.get_attribute("aria-selected") == "true") != (name in wanted):
+            option.click()
+        expect(option).to_have_attribute("aria-selected", str(name in wanted).lower())
+    page.keyboard.press("Escape")
+    for name in wanted:
+        expect(page.get_by_role("columnheader").get_by_title(name, exact=True)).to_be_visible()
+
+
+def _arrow(cell) -> int:
+    """The visible delta arrow of a paired score cell: +1 up (this run scores higher), -1 down,
+    0 none (equal). The UI draws one arrow icon, rotated -45 or +45 degrees, the sign of the
+    rotation matrix's sine is its direction."""
+    sines = cell.evaluate(
+        """el => [...el.querySelectorAll('[role="img"]')]
+            .filter(i => getComputedStyle(i).visibility === 'visible')
+            .map(i => new DOMMatrixReadOnly(getComputedStyle(i).transform).b)"""
+    )
+    assert len(sines) <= 1, sines
+    return 0 if not sines else (1 if sines[0] < 0 else -1)
+
+
+def _check_paired_rows(page, column: str, delta: float, traces: tuple, scores: tuple) -> None:
+    """One table row per item holding both runs' traces of that item; in `column`, both scores
+    (3 decimals) and an arrow with the sign of their difference; the header's average delta."""
+    header_row = page.get_by_role("row").filter(has=page.get_by_title("Trace ID", exact=True))
+    headers = [h.split("\n")[0] for h in header_row.get_by_role("columnheader").all_inner_texts()]
+    index = headers.index(column)
+    header = header_row.get_by_role("columnheader").nth(index)
+    shown = [x for x in header.inner_text().split("\n") if re.fullmatch(r"[+-]\d+(\.\d+)?", x)]
+    assert len(shown) == 1 and abs(float(shown[0]) - delta) <= 0.005 + 1e-9, (shown, delta)
+    (rag_traces, vanilla_traces), (rag, vanilla) = traces, scores
+    differs = 0
+    for item in sorted(rag_traces):
+        row = page.get_by_role("row").filter(has_text=f'"item_id": "{item}"')
+        expect(row).to_have_count(1)
+        for trace in (rag_traces[item], vanilla_traces[item]):
+            expect(row.get_by_text(trace.info.trace_id, exact=True)).to_be_visible()
+        cell = row.get_by_role("cell").nth(index)
+        values = [float(v) for v in cell.inner_text().split()]
+        a, b = rag[item][column], vanilla[item][column]
+        assert len(values) == 2 and abs(values[0] - a) <= 5e-4 + 1e-9, (item, values, a, b)
+        assert abs(values[1] - b) <= 5e-4 + 1e-9, (item, values, a, b)
+        assert _arrow(cell) == (a > b) - (a < b), (item, a, b)
+        differs += a != b
+    assert differs >= 1
+
+
+def _close_assistant(page) -> None:
+    """Close the MLflow Assistant side panel, if open, so the screenshot shows more columns."""
+    close = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+    if close.count():
+        close.click()
+        expect(close).to_have_count(0)
+
+
 def _check_item_traces(page, url: str, exp_id: str, evals: list) -> None:
-    """The rag run's Traces tab lists its items (the same item ids as the vanilla run's), and
-    one item's trace shows the passages it was given."""
+    """The rag run's Traces tab, compared to the vanilla run in the UI's picker, pairs the two
+    runs' traces item by item with their score deltas; one item's trace shows the passages it
+    was given."""
     by_variant = {c.data.tags["qa_lab.variant"]: c for c in evals}
     rag, vanilla = by_variant["rag"], by_variant["vanilla"]
     rag_traces, vanilla_traces = _item_traces(rag), _item_traces(vanilla)
     assert sorted(rag_traces) == sorted(vanilla_traces) and len(rag_traces) == 6
+    rag_scores, vanilla_scores = _scores(rag_traces), _scores(vanilla_traces)
+    column, delta = _score_column(rag_scores, vanilla_scores)
     item = sorted(rag_traces)[0]
     traces_tab = f"{url}/#/experiments/{exp_id}/runs/{rag.info.run_id}/traces"
     # the caller's page holds the report set as plain HTML, where going to another hash of the
@@ -220,9 +338,17 @@ def _check_item_traces(page, url: str, exp_id: str, evals: list) -> None:
     page.set_viewport_size({"width": 1900, "height": 1100})  # the paired table is wide
     page.goto(traces_tab, timeout=120_000)
     page.get_by_text(rag_traces[item].info.trace_id).first.wait_for(timeout=120_000)
-    # (the "compare to" pairing of two runs is checked by hand, see README; its run picker did
-    # not select reliably from a script among a sweep's many runs)
     page.screenshot(path=str(ARTIFACTS / "mlflow_traces_run.png"))
+    # compare to the vanilla run: rows pair up by item, the score columns show the deltas
+    _compare_to(page, vanilla)
+    page.get_by_text(vanilla_traces[item].info.trace_id).first.wait_for(timeout=60_000)
+    names = {n for s in (*rag_scores.values(), *vanilla_scores.values()) for n in s}
+    _show_columns(page, set(SCORE_COLUMNS), names)
+    _check_paired_rows(
+        page, column, delta, (rag_traces, vanilla_traces), (rag_scores, vanilla_scores)
+    )
+    _close_assistant(page)
+    page.screenshot(path=str(ARTIFACTS / "mlflow_traces_compare.png"))
     # one item's trace: its retriever span lists the retrieved passages
     page.goto(traces_tab, timeout=120_000)
     page.reload()
