@@ -1,6 +1,6 @@
 """Generation: qa-lab's batched greedy decoding against three baselines on the same prompts.
 
-    .venv/bin/python bench/generation.py [--n 64] [--max-new-tokens 100] [--batch-size 32]
+    .venv/bin/python bench/generation.py [--n 64] [--max-new-tokens 100] [--batch-size 64]
     .venv/bin/python bench/generation.py --n 8 --original-n 2 --max-new-tokens 32   # smoke run
 
 Sides, all greedy on the embedded SmolLM2-135M-Instruct and the original study's test questions:
@@ -26,6 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from omegaconf import OmegaConf  # noqa: E402
+
 from bench.common import (  # noqa: E402
     machine,
     matmul_peak_gflops,
@@ -33,8 +35,10 @@ from bench.common import (  # noqa: E402
     usable_cpus,
     versions,
 )
+from qa_lab.config import PROJECT_ROOT  # noqa: E402
 
 STOP_STRINGS = ("\nQuestion:", "\nQ:", "<|im_start|>")  # conf/generation.yaml's defaults
+DEFAULT_BATCH = int(OmegaConf.load(PROJECT_ROOT / "conf" / "generation.yaml").generation.batch_size)
 # Greedy, with the model's own sampling defaults (generation_config.json) switched off.
 GREEDY: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
@@ -173,16 +177,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=64, help="test prompts")
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH, help="conf/generation.yaml's default"
+    )
     parser.add_argument("--original-n", type=int, default=8, help="prompts run the original way")
     parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch and llama.cpp")
     args = parser.parse_args()
 
     import torch
-    from omegaconf import OmegaConf
 
     from qa_lab import models, prompts
-    from qa_lab.config import PROJECT_ROOT
     from qa_lab.generation import GenParams, LocalGenerator
 
     torch.set_num_threads(args.threads)

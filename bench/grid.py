@@ -10,7 +10,9 @@ model is shared with the project (`--cold-models` materialises it afresh too, as
 clone would). Per-stage times come from the MLflow runs the study writes (read straight from
 its SQLite store): each run's own duration, and the time since the previous run ended, which
 also holds the work done before a run opens (building the dataset before the dataset run logs
-it, the FAISS index and model loading before an evaluation run).
+it, the FAISS index and model loading before an evaluation run); for evaluation runs also the
+seconds spent generating answers and publishing item traces (the runs' `generation_wall_s`
+and `trace_publish_s`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ SMOKE = [
 RUNS_SQL = """
 SELECT r.start_time, r.end_time, r.name,
        (SELECT value FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'qa_lab.stage'),
-       (SELECT value FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'qa_lab.variant')
+       (SELECT value FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'qa_lab.variant'),
+       (SELECT value FROM latest_metrics m
+        WHERE m.run_uuid = r.run_uuid AND m.key = 'generation_wall_s'),
+       (SELECT value FROM latest_metrics m
+        WHERE m.run_uuid = r.run_uuid AND m.key = 'trace_publish_s')
 FROM runs r WHERE r.start_time >= ? ORDER BY r.end_time
 """
 
@@ -80,14 +86,22 @@ def run_phase(name: str, cmd: list[str], root: Path) -> float:
     with sqlite3.connect(root / "mlruns" / "mlflow.db") as db:
         runs = db.execute(RUNS_SQL, (started_ms,)).fetchall()
     print(f"{name}: {wall:.1f}s wall for the whole command")
-    print(f"  {'stage':14} {'variant':9} {'run s':>8} {'since prev s':>13}  run name")
-    previous = started_ms
-    for start_ms, end_ms, run_name, stage, variant in runs:
+    header = f"{'stage':14} {'variant':9} {'run s':>8} {'since prev s':>13}"
+    print(f"  {header} {'generate s':>11} {'traces s':>9}  run name")
+    previous, publish = started_ms, 0.0
+    for start_ms, end_ms, run_name, stage, variant, generate_s, traces_s in runs:
         end_ms = end_ms or start_ms
         own, since = (end_ms - start_ms) / 1000, (end_ms - previous) / 1000
-        print(f"  {stage or '-':14} {variant or '-':9} {own:8.1f} {since:13.1f}  {run_name}")
-        previous = max(previous, end_ms)
+        line = f"{stage or '-':14} {variant or '-':9} {own:8.1f} {since:13.1f}"
+        print(f"  {line} {_seconds(generate_s):>11} {_seconds(traces_s):>9}  {run_name}")
+        previous, publish = max(previous, end_ms), publish + (traces_s or 0.0)
+    print(f"  item traces published in {publish:.1f}s in all ({publish / wall:.1%} of the wall)")
     return wall
+
+
+def _seconds(value: float | None) -> str:
+    """A per-run metric for the table; '-' where the run did not log it (cached, other stage)."""
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main() -> None:

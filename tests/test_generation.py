@@ -5,7 +5,14 @@ import pytest
 from qa_lab import prompts
 from qa_lab.cache import ItemCache
 from qa_lab.errors import QaLabError
-from qa_lab.generation import GenParams, LocalGenerator, cut_at_stop, generate_cached, request_key
+from qa_lab.generation import (
+    GenParams,
+    LocalGenerator,
+    _shared_prefix,
+    cut_at_stop,
+    generate_cached,
+    request_key,
+)
 
 QUESTIONS = [
     "What is a hash table?",
@@ -75,6 +82,13 @@ def test_batched_equals_one_at_a_time_and_stops(base_model, tokenizer):
         assert "<|im_end|>" not in a["prediction"] and "assistant" not in a["prediction"][:10]
 
 
+def test_shared_prefix_leaves_every_row_a_token_of_its_own():
+    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert _shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the whole first row is shared
+    assert _shared_prefix([[7], [7, 8]]) == 0
+    assert _shared_prefix([[1, 2], [3, 4]]) == 0
+
+
 def test_finished_rows_leave_the_batch_with_generates_answers(base_model, tokenizer):
     """Dropping finished rows mid-batch changes no answer, token count or stop reason."""
     import torch
@@ -82,6 +96,8 @@ def test_finished_rows_leave_the_batch_with_generates_answers(base_model, tokeni
     params = GenParams(max_new_tokens=24, stop_strings=("\nQuestion:", " data structure"))
     texts = _prompts(tokenizer, QUESTIONS[:3] + SHORT)
     gen = LocalGenerator(base_model, tokenizer, params, batch_size=len(texts))
+    # the chat header and system prompt are computed once for the batch
+    assert _shared_prefix(tokenizer(texts, add_special_tokens=False)["input_ids"]) >= 10
     ours = gen.generate_batch(texts)
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
