@@ -8,6 +8,7 @@ greedy answers do not depend on it beyond float noise.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -255,6 +256,7 @@ class LocalGenerator:
         }
 
 
+@functools.cache
 def _preallocated_layer_class() -> type:
     """A `DynamicLayer` that writes into a buffer sized for the whole answer up front.
 
@@ -262,7 +264,7 @@ def _preallocated_layer_class() -> type:
     a copy of the KV cache per layer per token, ~10% of a CPU decode step at batch 64. Here
     each step writes one slot of a buffer allocated once for prompt + `max_new_tokens` and
     hands attention a view of the filled part; dropping finished rows copies only when rows
-    leave. Built on first use so that importing qa-lab does not import transformers.
+    leave. Built once, on first use, so that importing qa-lab does not import transformers.
     """
     from transformers.cache_utils import DynamicLayer
 
