@@ -472,8 +472,8 @@ def _train_vs_test(runs: list[dict[str, Any]]) -> list[str]:
     return [
         f"\n## Did fine-tuning learn? (closed-book: {n_train} seeded training items vs the "
         "eval split)\n",
-        "Far better on train than on test: memorised. No better than the base model on its own "
-        "training items: learned nothing.\n",
+        "How to read it: a fine-tune far better on train than on test memorised; one no better "
+        "than the base model on its own training items learned nothing.\n",
         _table(header, table),
     ]
 
