@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) bench/generation.py
 	$(PY) bench/train.py
 	$(PY) bench/dedup.py
+	$(PY) bench/traces.py
 	$(PY) bench/grid.py
 
 # The same scripts at tiny sizes: checks that they run, the figures mean little.
@@ -66,4 +67,5 @@ bench-smoke: $(STAMP)
 	$(PY) bench/generation.py --n 8 --original-n 2 --max-new-tokens 32 --batch-size 8
 	$(PY) bench/train.py --rows 16 --val-rows 8
 	$(PY) bench/dedup.py --sizes 2000 --naive-limit 2000
+	$(PY) bench/traces.py --items 16
 	$(PY) bench/grid.py --smoke

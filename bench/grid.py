@@ -32,6 +32,7 @@ from bench.common import machine  # noqa: E402
 # Small enough to finish in a few minutes on a loaded 2-core machine; checks the script only.
 SMOKE = [
     "eval.limit=4",
+    "eval.train_sample=8",
     "generation.max_new_tokens=16",
     "dataset.synthesis.backend=none",
     "metrics=lexical",
