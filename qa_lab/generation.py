@@ -206,15 +206,14 @@ class LocalGenerator:
                 logits_to_keep=1,
             )
             cache.batch_repeat_interleave(len(rows))
-        rests = [row[shared:] for row in rows]
-        width = max(len(rest) for rest in rests)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+        rests = self.tokenizer.pad(  # left-padded: the tokenizer's padding side (models.py)
+            {"input_ids": [row[shared:] for row in rows]}, return_tensors="pt"
+        ).to(device)
+        mask = rests["attention_mask"]
         mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         logits = model(
-            input_ids=ids,
+            input_ids=rests["input_ids"],
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
@@ -303,12 +302,12 @@ def _preallocated_layer_class() -> type:
 
 def _shared_prefix(rows: list[list[int]]) -> int:
     """How many leading tokens every row shares (each row keeps at least one of its own)."""
-    limit = min(len(row) for row in rows) - 1
+    limit = max(min(len(row) for row in rows) - 1, 0)
     first = rows[0]
-    for n in range(max(limit, 0)):
+    for n in range(limit):
         if any(row[n] != first[n] for row in rows):
             return n
-    return max(limit, 0)
+    return limit
 
 
 class PartialBatchError(QaLabError):
