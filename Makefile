@@ -64,7 +64,7 @@ bench: $(STAMP)
 
 # The same scripts at tiny sizes: checks that they run, the figures mean little.
 bench-smoke: $(STAMP)
-	$(PY) bench/generation.py --n 8 --original-n 2 --max-new-tokens 32 --batch-size 8
+	$(PY) bench/generation.py --n 8 --original-n 2 --max-new-tokens 32 --batch-size 4
 	$(PY) bench/train.py --rows 16 --val-rows 8
 	$(PY) bench/dedup.py --sizes 2000 --naive-limit 2000
 	$(PY) bench/traces.py --items 16

@@ -1,13 +1,14 @@
 """Generation: qa-lab's batched greedy decoding against three baselines on the same prompts.
 
-    .venv/bin/python bench/generation.py [--n 64] [--max-new-tokens 100] [--batch-size 64]
+    .venv/bin/python bench/generation.py [--n 272] [--max-new-tokens 100] [--batch-size 192]
     .venv/bin/python bench/generation.py --n 8 --original-n 2 --max-new-tokens 32   # smoke run
 
 Sides, all greedy on the embedded SmolLM2-135M-Instruct and the original study's test questions:
 (a) the original's loop: one prompt at a time, always `max_new_tokens` new tokens, no stopping;
 (b) plain transformers `generate`, length-sorted batches, left padding, stopping at end of turn
     and stop strings (finished rows keep decoding padding until the batch ends);
-(c) qa-lab's `LocalGenerator` (finished rows leave the batch and the KV cache);
+(c) qa-lab's `LocalGenerator` (finished rows leave the batch and the KV cache, waiting prompts
+    take their places);
 (d) llama.cpp on the same Q4_1 GGUF, one request at a time, when llama-cpp-python is installed
     (`make bench-deps`).
 qa-lab's answers must equal (b)'s exactly and be a prefix of (a)'s (the original suppresses the
@@ -38,7 +39,7 @@ from bench.common import (  # noqa: E402
 from qa_lab.config import PROJECT_ROOT  # noqa: E402
 
 STOP_STRINGS = ("\nQuestion:", "\nQ:", "<|im_start|>")  # conf/generation.yaml's defaults
-DEFAULT_BATCH = int(OmegaConf.load(PROJECT_ROOT / "conf" / "generation.yaml").generation.batch_size)
+GENERATION = OmegaConf.load(PROJECT_ROOT / "conf" / "generation.yaml").generation
 # Greedy, with the model's own sampling defaults (generation_config.json) switched off.
 GREEDY: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
@@ -121,11 +122,8 @@ def plain_generate(gen: Any, texts: list[str]) -> tuple[list[str], int]:
 
 
 def qa_lab(gen: Any, texts: list[str]) -> tuple[list[str], int]:
-    """qa-lab's `LocalGenerator`, batch by batch as `generate_cached` drives it."""
-    answers: dict[int, dict[str, Any]] = {}
-    for batch in gen.batches(texts):
-        answers.update(zip(batch, gen.generate_batch([texts[i] for i in batch])))
-    ordered = [answers[i] for i in range(len(texts))]
+    """qa-lab's `LocalGenerator`, streaming answers as `generate_cached` drives it."""
+    ordered = gen.generate_batch(texts)
     return [a["prediction"] for a in ordered], sum(a["generated_tokens"] for a in ordered)
 
 
@@ -175,10 +173,13 @@ def check_answers(ours: list[str], plain: Side, original: Side) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=64, help="test prompts")
+    parser.add_argument("--n", type=int, default=272, help="test prompts (272: the whole split)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH, help="conf/generation.yaml's default"
+        "--batch-size", type=int, default=GENERATION.batch_size, help="conf/generation.yaml's"
+    )
+    parser.add_argument(
+        "--batch-tokens", type=int, default=GENERATION.batch_tokens, help="conf/generation.yaml's"
     )
     parser.add_argument("--original-n", type=int, default=8, help="prompts run the original way")
     parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch and llama.cpp")
@@ -210,7 +211,7 @@ def main() -> None:
         f"{n_params / 1e6:.0f}M params; {len(texts)} prompts, max {args.max_new_tokens} new tokens"
     )
     params = GenParams(max_new_tokens=args.max_new_tokens, stop_strings=STOP_STRINGS)
-    gen = LocalGenerator(model, tok, params, args.batch_size)
+    gen = LocalGenerator(model, tok, params, args.batch_size, args.batch_tokens)
 
     sample = texts[: args.original_n]
     original = timed(

@@ -620,7 +620,8 @@ def _local_generator(cfg: DictConfig, tokenizer: Any, params: Any, adapter: Path
     if adapter is not None:
         # merged for generation: same answers as the PEFT wrapper (tested), less overhead
         model = models.load_adapter(model, adapter).merge_and_unload()
-    return LocalGenerator(model, tokenizer, params, int(cfg.generation.batch_size))
+    gen = cfg.generation
+    return LocalGenerator(model, tokenizer, params, int(gen.batch_size), gen.get("batch_tokens"))
 
 
 def _messages(

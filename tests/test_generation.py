@@ -8,6 +8,8 @@ from qa_lab.errors import QaLabError
 from qa_lab.generation import (
     GenParams,
     LocalGenerator,
+    _length_chunks,
+    _Running,
     _shared_prefix,
     cut_at_stop,
     generate_cached,
@@ -51,35 +53,59 @@ def test_request_key_depends_on_model_prompt_and_params_not_batch():
     )
 
 
-def test_bad_max_new_tokens_is_one_line_error():
+@pytest.mark.parametrize(
+    "bad", [{"max_new_tokens": 0}, {"batch_size": 0}, {"batch_tokens": -5}], ids=lambda b: [*b][0]
+)
+def test_bad_generation_numbers_are_one_line_errors(bad):
     from omegaconf import OmegaConf
 
-    with pytest.raises(QaLabError, match="generation.max_new_tokens"):
-        GenParams.from_cfg(
-            OmegaConf.create(
-                {"max_new_tokens": 0, "do_sample": False, "temperature": 1.0, "stop_strings": []}
-            ),
-            0,
-        )
+    cfg = {"max_new_tokens": 8, "do_sample": False, "temperature": 1.0, "stop_strings": []}
+    with pytest.raises(QaLabError, match=f"generation.{[*bad][0]}="):
+        GenParams.from_cfg(OmegaConf.create({**cfg, **bad}), 0)
 
 
-def test_batched_equals_one_at_a_time_and_stops(base_model, tokenizer):
+def test_rows_join_as_others_finish_with_one_at_a_time_answers(base_model, tokenizer, monkeypatch):
+    """Two rows at a time over six prompts: waiting prompts join a running batch mid-decode."""
     params = GenParams(max_new_tokens=24, stop_strings=("\nQuestion:",))
-    texts = _prompts(tokenizer)
-    batched = LocalGenerator(base_model, tokenizer, params, batch_size=4)
+    texts = _prompts(tokenizer, QUESTIONS + SHORT)
+    batched = LocalGenerator(base_model, tokenizer, params, batch_size=2)
     single = LocalGenerator(base_model, tokenizer, params, batch_size=1)
-    out_b = [
-        a
-        for batch in batched.batches(texts)
-        for a in zip(batch, batched.generate_batch([texts[i] for i in batch]))
-    ]
-    out_b = [a for _, a in sorted(out_b)]
+    prefills, joins = [], []
+    prefill, stack = batched._prefill, _Running.stack
+
+    def spy_prefill(rows, ids):
+        prefills.append(len(rows))
+        return prefill(rows, ids)
+
+    def spy_stack(parts, room):
+        joins.append(max(part.mask.shape[1] for part in parts))
+        return stack(parts, room)
+
+    monkeypatch.setattr(batched, "_prefill", spy_prefill)
+    monkeypatch.setattr(_Running, "stack", staticmethod(spy_stack))
+    out_b = batched.generate_batch(texts)
     out_s = [single.generate_batch([t])[0] for t in texts]
     assert [a["prediction"] for a in out_b] == [a["prediction"] for a in out_s]
+    assert [a["generated_tokens"] for a in out_b] == [a["generated_tokens"] for a in out_s]
+    assert sum(prefills) == len(texts) and max(prefills) == 2
+    # a prompt joined a row that had been decoding (its cache longer than any prompt)
+    assert any(width > max(len(r) for r in tokenizer(texts)["input_ids"]) for width in joins)
     for a in out_s:
         assert a["stop_reason"] in {"eos", "length", "stop_string"}
         assert 0 < a["generated_tokens"] <= 24
         assert "<|im_end|>" not in a["prediction"] and "assistant" not in a["prediction"][:10]
+    assert sum(a["seconds"] for a in out_b) > 0
+
+
+def test_batch_tokens_caps_rows_by_prompt_length(base_model, tokenizer):
+    gen = LocalGenerator(base_model, tokenizer, GenParams(max_new_tokens=10), 8, batch_tokens=100)
+    assert [gen.rows_for(n) for n in (5, 15, 40, 90, 500)] == [6, 4, 2, 1, 1]
+    texts = ["a", "b c", "d " * 30, "e " * 60, "f " * 60]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    for batch in gen.batches(texts):
+        assert len(batch) <= gen.rows_for(max(lengths[i] for i in batch))
+    assert sorted(i for b in gen.batches(texts) for i in b) == list(range(len(texts)))
+    assert LocalGenerator(base_model, tokenizer, GenParams(10), 8).rows_for(10_000) == 8
 
 
 def test_shared_prefix_leaves_every_row_a_token_of_its_own():
@@ -87,6 +113,16 @@ def test_shared_prefix_leaves_every_row_a_token_of_its_own():
     assert _shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the whole first row is shared
     assert _shared_prefix([[7], [7, 8]]) == 0
     assert _shared_prefix([[1, 2], [3, 4]]) == 0
+
+
+def test_length_chunks_keep_padding_within_slack():
+    lengths = [16] * 20 + [17] * 20 + [18] * 5 + [40]
+    chunks = _length_chunks(lengths, slack=32)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for chunk in chunks:
+        assert sum(max(lengths[i] for i in chunk) - lengths[i] for i in chunk) <= 32
+    assert len(chunks) == 3  # 16s+17s (20 padded tokens), the 18s, the 40 alone
+    assert _length_chunks([5, 5, 5], slack=0) == [[0, 1, 2]]
 
 
 def test_finished_rows_leave_the_batch_with_generates_answers(base_model, tokenizer):
