@@ -640,7 +640,9 @@ class OpenAIGenerator(_Generator):
                 group = range(start, min(start + self.concurrency, len(prompts)))
                 futures = {i: pool.submit(self.complete, **json.loads(prompts[i])) for i in group}
                 errors = [f.exception() for f in futures.values() if f.exception() is not None]
-                yield [(i, f.result()) for i, f in futures.items() if f.exception() is None]
+                done = [(i, f.result()) for i, f in futures.items() if f.exception() is None]
+                if done:
+                    yield done
                 if errors:
                     raise errors[0]
 
@@ -740,6 +742,7 @@ def generate_cached(
     """Answer every prompt, generating only those whose answer is not cached yet.
 
     The generator is built only when something is missing, so a warm rerun loads no model.
+    `on_batch` is called with the size of each group of answers committed to the cache.
     """
     from tqdm.auto import tqdm
 
