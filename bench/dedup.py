@@ -34,7 +34,7 @@ def synthetic(n: int, dim: int = 384, dup_share: float = 0.2, seed: int = 0) -> 
 
 
 def run(name: str, x: np.ndarray, naive_limit: int) -> None:
-    from qa_lab.data import naive_semantic_dedup, semantic_dedup
+    from qa_lab.similarity import naive_semantic_dedup, semantic_dedup
 
     t = time.perf_counter()
     kept, _ = semantic_dedup(x, 0.9)

@@ -188,7 +188,8 @@ def main() -> None:
     import torch
 
     from qa_lab import models, prompts
-    from qa_lab.generation import GenParams, LocalGenerator
+    from qa_lab.generation import GenParams
+    from qa_lab.local_engine import LocalGenerator
 
     torch.set_num_threads(args.threads)
     print(machine())

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
-from qa_lab import tracking  # noqa: E402
+from qa_lab import traces, tracking  # noqa: E402
+from qa_lab.records import EvalRow  # noqa: E402
 
 SCORES = [
     "sentence_bleu",
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=5)
     args = parser.parse_args()
     items, scores = rows(args.items, args.passages)
+    scored = [EvalRow.from_dict({**r, "scores": s}) for r, s in zip(items, scores)]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = OmegaConf.create(
             {
@@ -97,7 +99,7 @@ def main() -> None:
             cfg, stage="evaluate", key="bench-traces", variant="rag", log_config=False
         ):
             started = time.perf_counter()
-            tracking.publish_item_traces(items, scores, model="bench", metrics_version=1)
+            traces.publish_item_traces(scored, model="bench", metrics_version=1)
             seconds = time.perf_counter() - started
     print(f"{machine()}")
     print(

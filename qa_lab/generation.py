@@ -1,28 +1,32 @@
-"""Batched generation behind a per-item answer cache.
+"""Generation behind a per-item answer cache, and the two backends that answer prompts.
 
 Each answer is cached under a key over (model, exact prompt text, generation params), committed
 as soon as it is finished: an interrupted run resumes where it stopped, a rerun generates
 nothing, and two models can never share an answer (the model is part of the key). Batch size is
 not in the key: greedy answers do not depend on it beyond float noise.
+
+The backends live in their own modules, imported only when an answer is missing:
+`local_engine` (continuous batching in this process; imports torch) and `openai_client` (any
+OpenAI-compatible server). `backend` builds either from the config, for `stages` to call once.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from qa_lab import keys, prompts
 from qa_lab.cache import ItemCache, stable_hash
-from qa_lab.errors import QaLabError
-from qa_lab.records import Prediction
+from qa_lab.errors import QaLabError, require_choice
+from qa_lab.records import EvalRow, Passage, Prediction, QAItem
 
 GENERATION_VERSION = 1
+# LoRA ranks vLLM accepts for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,11 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return text[: min(positions)], True
 
 
-class _Generator:
+class Generator:
     """What `generate_cached` drives: `stream` answers prompts, yielding groups as they finish."""
 
     def stream(self, prompts: Sequence[str]) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+        """Yield (prompt position, answer) groups as they finish."""
         raise NotImplementedError
 
     def generate_batch(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
@@ -100,638 +105,11 @@ class _Generator:
         return [answers[i] for i in range(len(prompts))]
 
 
-class LocalGenerator(_Generator):
-    """Batched generation with a transformers model (left padding, length-sorted batches).
-
-    A batch holds at most `batch_size` rows and at most `batch_tokens` cached positions
-    (prompt + `max_new_tokens` per row): short closed-book prompts decode many rows at once,
-    where each step's weight reads are shared; long RAG prompts fewer, since their KV cache
-    (memory, and attention reads every step) grows with the prompt. Greedy decoding keeps the
-    batch full by admitting waiting prompts as others finish (see `_greedy`).
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        params: GenParams,
-        batch_size: int,
-        batch_tokens: int | None = None,
-    ) -> None:
-        self.model, self.tokenizer, self.params = model, tokenizer, params
-        self.batch_size = max(1, int(batch_size))
-        self.batch_tokens = int(batch_tokens) if batch_tokens else None
-        # The end-of-turn token ends an answer; the tokenizer's EOS may be another token.
-        eos = {tokenizer.eos_token_id}
-        end_turn = (
-            tokenizer.convert_tokens_to_ids("<|im_end|>")
-            if "<|im_end|>" in (tokenizer.get_vocab())
-            else None
-        )
-        if end_turn is not None:
-            eos.add(end_turn)
-        self.eos_ids = sorted(i for i in eos if i is not None)
-        # Tokens decoded to look for a stop string: every token is at least one character.
-        self._stop_window = max((len(s) for s in params.stop_strings), default=0) + 1
-
-    def rows_for(self, prompt_tokens: int) -> int:
-        """Rows a batch may hold when its longest prompt has this many tokens."""
-        if self.batch_tokens is None:
-            return self.batch_size
-        fits = self.batch_tokens // (prompt_tokens + self.params.max_new_tokens)
-        return max(1, min(self.batch_size, fits))
-
-    def batches(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Index batches of prompts sorted by token length, so padding stays small."""
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
-        batches: list[list[int]] = []
-        for i in sorted(range(len(prompts)), key=lambda i: (lengths[i], i)):
-            if not batches or len(batches[-1]) >= self.rows_for(lengths[i]):
-                batches.append([])
-            batches[-1].append(i)
-        return batches
-
-    def stream(self, prompts: Sequence[str]) -> Iterator[list[tuple[int, dict[str, Any]]]]:
-        """Answer the prompts, yielding (prompt position, answer) groups as they finish.
-
-        An answer is exactly the newly generated tokens; its `seconds` is its share of the
-        wall time of the forward passes it took part in (so they sum to the wall time).
-        """
-        import torch
-
-        rows = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            if not self.params.do_sample:
-                for group in self._greedy(rows):
-                    yield [(i, self._finish(tokens, len(rows[i]), s)) for i, tokens, s in group]
-                return
-            for batch in self.batches(prompts):
-                started = time.perf_counter()
-                new_tokens = self._sample([rows[i] for i in batch])
-                seconds = (time.perf_counter() - started) / len(batch)
-                yield [
-                    (i, self._finish(tokens, len(rows[i]), seconds))
-                    for i, tokens in zip(batch, new_tokens)
-                ]
-
-    def _sample(self, rows: list[list[int]]) -> list[list[int]]:
-        """Sampled answers through `generate` (its samplers honour the model's top-k/top-p)."""
-        import torch
-
-        enc = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.model.device)
-        torch.manual_seed(self.params.seed)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.params.max_new_tokens,
-            "do_sample": True,
-            "temperature": self.params.temperature,
-            "eos_token_id": self.eos_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if self.params.stop_strings:
-            kwargs.update(stop_strings=list(self.params.stop_strings), tokenizer=self.tokenizer)
-        out = self.model.generate(**enc, **kwargs)
-        return out[:, enc["input_ids"].shape[1] :].tolist()
-
-    def _greedy(self, rows: list[list[int]]) -> Iterator[list[tuple[int, list[int], float]]]:
-        """Greedy decoding that keeps the batch full; yields (prompt, tokens, seconds) groups.
-
-        `generate` decodes a batch until its longest answer ends, decoding padding for the rows
-        that finished; with answers of 10 to 100 tokens that is most of the work, and a decode
-        step costs almost as much at 16 rows as at 64 (each step streams all the weights).
-        Here a row that emits an end-of-turn token or completes a stop string leaves the batch
-        and the KV cache at once, and whenever a quarter of the batch is free the next waiting
-        prompts (shortest first) are prefilled and join the running rows, left-padded to the
-        same cache length (refilling each time one row ends would pay a prefill call per row).
-        Argmax over the same logits: the same answers as `generate(do_sample=False)` (tested),
-        up to float noise of the batch shape.
-        """
-        import torch
-
-        eos = torch.tensor(self.eos_ids, device=self.model.device)
-        waiting = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
-        waiting.reverse()  # popped from the end: shortest first
-        out: dict[int, list[int]] = {}
-        spent: dict[int, float] = {}
-        running: _Running | None = None
-        clock = time.perf_counter()
-
-        def charge(ids: list[int]) -> None:
-            """Split the wall time since the last charge among the rows that used it."""
-            nonlocal clock
-            now = time.perf_counter()
-            for i in ids:
-                spent[i] = spent.get(i, 0.0) + (now - clock) / len(ids)
-            clock = now
-
-        while waiting or (running is not None and running.ids):
-            busy = len(running.ids) if running is not None else 0
-            room = self.rows_for(len(rows[waiting[-1]])) if waiting else 0
-            if waiting and (not busy or (room - busy >= max(1, room // 4) and self._joinable)):
-                take: list[int] = []
-                while waiting and busy + len(take) < self.rows_for(len(rows[waiting[-1]])):
-                    take.append(waiting.pop())
-                fresh = self._prefill([rows[i] for i in take], take)
-                charge(take)
-                parts = [running, fresh] if busy else [fresh]
-                running = _Running.stack(parts, self.params.max_new_tokens)
-            tokens = running.logits.argmax(dim=-1)
-            at_eos = torch.isin(tokens, eos).tolist()
-            finished, keep = [], []
-            for row, (i, token) in enumerate(zip(running.ids, tokens.tolist())):
-                out.setdefault(i, []).append(token)
-                if (
-                    at_eos[row]
-                    or len(out[i]) == self.params.max_new_tokens
-                    or self._hit_stop_string(out[i])
-                ):
-                    finished.append(i)
-                else:
-                    keep.append(row)
-            if finished:
-                yield [(i, out.pop(i), spent.pop(i)) for i in finished]
-                tokens = tokens[running.keep(keep)]
-            if running.ids:
-                running.step(self.model, tokens)
-                charge(running.ids)
-
-    def _prefill(self, rows: list[list[int]], ids: list[int]) -> _Running:
-        """Run the prompts: their shared token prefix once, the rests in chunks of similar length.
-
-        Every prompt of a study starts with the same chat header and system prompt (24 of ~40
-        tokens on the embedded model), so the prefill spends most of its time on identical
-        tokens. The shared prefix runs once and its KV cache is copied into every row; only the
-        rest of each prompt runs, left-padded after the prefix (`[prefix | pad | rest]`, padding
-        masked out, positions counted over real tokens, so each row sees the same tokens at the
-        same positions as on its own). The rests run in chunks of similar length
-        (`_length_chunks`): one padded batch of 192 closed-book prompts was 58% padding.
-        """
-        import torch
-        from transformers import DynamicCache
-
-        model, device = self.model, self.model.device
-        shared = _shared_prefix(rows) if len(rows) > 1 else 0
-        prefix = DynamicCache(config=model.config)
-        if shared:
-            model(
-                input_ids=torch.tensor([rows[0][:shared]], device=device),
-                cache=prefix,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        chunks = (
-            _length_chunks([len(row) for row in rows])
-            if self._joinable
-            else [list(range(len(rows)))]
-        )
-        parts = [
-            self._prefill_rests([rows[j] for j in chunk], [ids[j] for j in chunk], shared, prefix)
-            for chunk in chunks
-        ]
-        return _Running.stack(parts, self.params.max_new_tokens)
-
-    def _prefill_rests(
-        self, rows: list[list[int]], ids: list[int], shared: int, prefix: Any
-    ) -> _Running:
-        """Prefill rows whose first `shared` tokens are already in `prefix` (one row's cache)."""
-        import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        model, device = self.model, self.model.device
-        cache = DynamicCache(config=model.config)
-        room = max(len(row) for row in rows) + self.params.max_new_tokens
-        cache.layers = [
-            _preallocated_layer_class()(room) if type(layer) is DynamicLayer else layer
-            for layer in cache.layers
-        ]
-        if shared:
-            for layer, done in zip(cache.layers, prefix.layers):
-                layer.update(
-                    done.keys.expand(len(rows), -1, -1, -1),
-                    done.values.expand(len(rows), -1, -1, -1),
-                )
-        rests = self.tokenizer.pad(  # left-padded: the tokenizer's padding side (models.py)
-            {"input_ids": [row[shared:] for row in rows]}, return_tensors="pt"
-        ).to(device)
-        mask = rests["attention_mask"]
-        mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        logits = model(
-            input_ids=rests["input_ids"],
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        return _Running(list(ids), cache, logits, mask, positions[:, -1:], self._joinable)
-
-    @functools.cached_property
-    def _joinable(self) -> bool:
-        """Whether rows can join a running batch.
-
-        True when every cache layer of this model is a plain `DynamicLayer` (sliding-window
-        layers drop old positions, which joining does not handle).
-        """
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        layers = DynamicCache(config=self.model.config).layers
-        return all(type(layer) is DynamicLayer for layer in layers)
-
-    def _hit_stop_string(self, tokens: list[int]) -> bool:
-        """Whether the answer so far ends in a stop string (only its tail is decoded)."""
-        if not self.params.stop_strings:
-            return False
-        tail = self.tokenizer.decode(tokens[-self._stop_window :], skip_special_tokens=False)
-        return any(s in tail for s in self.params.stop_strings)
-
-    def _finish(self, tokens: list[int], prompt_len: int, seconds: float) -> dict[str, Any]:
-        pad = self.tokenizer.pad_token_id
-        generated: list[int] = []
-        reason = "length"
-        for tok in tokens:
-            if tok in self.eos_ids:
-                reason = "eos"
-                break
-            generated.append(tok)
-        if reason == "length" and pad not in self.eos_ids:
-            while generated and generated[-1] == pad and len(generated) < len(tokens):
-                generated.pop()
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, self.params.stop_strings)
-        if stopped:
-            reason = "stop_string"
-        gen_count = len(generated) + (1 if reason == "eos" else 0)
-        return {
-            "prediction": text.strip(),
-            "prompt_tokens": prompt_len,
-            "generated_tokens": gen_count,
-            "stop_reason": reason,
-            "seconds": seconds,
-        }
-
-
-@functools.cache
-def _preallocated_layer_class() -> type:
-    """A `DynamicLayer` that writes into a buffer sized for the whole answer up front.
-
-    `DynamicLayer.update` concatenates the new key/value onto the whole cache every step:
-    a copy of the KV cache per layer per token, ~10% of a CPU decode step at batch 64. Here
-    each step writes one slot of a buffer allocated once for prompt + `max_new_tokens` and
-    hands attention a view of the filled part; dropping finished rows copies only when rows
-    leave. Built once, on first use, so that importing qa-lab does not import transformers.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class PreallocatedLayer(DynamicLayer):
-        def __init__(self, room: int) -> None:
-            super().__init__()
-            self.room, self.filled = room, 0
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
-            if not self.is_initialized:
-                self.device, self.is_initialized = key_states.device, True
-                shape = (*key_states.shape[:2], self.room, key_states.shape[-1])
-                self.key_buf = key_states.new_empty(shape)
-                self.value_buf = value_states.new_empty(shape)
-            end = self.filled + key_states.shape[-2]  # room: the longest prompt + max new
-            self.key_buf[:, :, self.filled : end] = key_states
-            self.value_buf[:, :, self.filled : end] = value_states
-            self.filled = end
-            self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
-            return self.keys, self.values
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            self._rebatch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-        def batch_select_indices(self, indices: Any) -> None:
-            self._rebatch(lambda t: t[indices])
-
-        def _rebatch(self, pick: Any) -> None:
-            if self.is_initialized:
-                self._set(pick(self.key_buf), pick(self.value_buf), self.filled)
-
-        def move_rows(self, dst: list[int], src: list[int], rows: int) -> None:
-            """Copy rows `src` onto rows `dst`, then keep the first `rows` rows (a view)."""
-            if dst:
-                for buf in (self.key_buf, self.value_buf):
-                    buf[dst, :, : self.filled] = buf[src, :, : self.filled]
-            self._set(self.key_buf[:rows], self.value_buf[:rows], self.filled)
-
-        def drop_front(self, n: int) -> None:
-            """Forget the first `n` positions (padding for every row); no copy."""
-            self._set(self.key_buf[:, :, n:], self.value_buf[:, :, n:], self.filled - n)
-
-        def stack(self, layers: Sequence[Any], width: int, room: int) -> None:
-            """Become the rows of `layers` (this one first), right-aligned to `width` positions.
-
-            Zeros before each row's positions (finite, so masked positions add exactly
-            nothing), `room` free positions after.
-            """
-            rows = sum(layer.key_buf.shape[0] for layer in layers)
-            shape = (rows, self.key_buf.shape[1], width + room, self.key_buf.shape[-1])
-            key, value = self.key_buf.new_zeros(shape), self.value_buf.new_zeros(shape)
-            start = 0
-            for layer in layers:
-                end = start + layer.key_buf.shape[0]
-                key[start:end, :, width - layer.filled : width] = layer.keys
-                value[start:end, :, width - layer.filled : width] = layer.values
-                start = end
-            self._set(key, value, width)
-
-        def _set(self, key_buf: Any, value_buf: Any, filled: int) -> None:
-            self.key_buf, self.value_buf, self.filled = key_buf, value_buf, filled
-            self.keys, self.values = key_buf[:, :, :filled], value_buf[:, :, :filled]
-
-    return PreallocatedLayer
-
-
-def _shared_prefix(rows: list[list[int]]) -> int:
-    """How many leading tokens every row shares (each row keeps at least one of its own)."""
-    limit = max(min(len(row) for row in rows) - 1, 0)
-    first = rows[0]
-    for n in range(limit):
-        if any(row[n] != first[n] for row in rows):
-            return n
-    return limit
-
-
-def _length_chunks(lengths: list[int], slack: int = 32) -> list[list[int]]:
-    """Positions grouped into runs of similar length, shortest first.
-
-    A run takes the next (longer) row while the padding that adds to the run stays within
-    `slack` tokens: about what one more forward pass costs in prefill tokens on 2 cores (each
-    pass streams all the weights once).
-    """
-    chunks: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
-        if chunks and len(chunks[-1]) * (lengths[i] - lengths[chunks[-1][-1]]) <= slack:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    return chunks
-
-
-@dataclass
-class _Running:
-    """The rows decoded together and their state.
-
-    Prompt positions, KV cache, next-token logits, the attention mask over the cached
-    positions (0 = padding) and each row's last position id.
-    """
-
-    ids: list[int]
-    cache: Any
-    logits: Any
-    mask: Any
-    positions: Any
-    joinable: bool  # every cache layer is preallocated: rows can join and be swap-removed
-
-    def step(self, model: Any, tokens: Any) -> None:
-        """Feed each row its next token; the logits become those of the position after it."""
-        import torch
-
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.ids), 1)], dim=1)
-        self.positions = self.positions + 1
-        self.logits = model(
-            input_ids=tokens[:, None],
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            cache=self.cache,
-            use_cache=True,
-        ).logits[:, -1]
-
-    def keep(self, rows: list[int]) -> list[int]:
-        """Keep only these batch rows; returns the old row numbers in their new order.
-
-        Preallocated caches are compacted by swap-remove: rows from the tail move into the
-        holes that finished rows left in front, so a step copies the few moved rows, not the
-        whole cache (a full copy per finished step cost ~15% of a 128-row decode). Cached
-        positions that are now padding for every row are cut.
-        """
-        import torch
-
-        n = len(rows)
-        if self.joinable:
-            kept = set(rows)
-            holes = [r for r in range(n) if r not in kept]
-            movers = [r for r in rows if r >= n]
-            order = list(range(n))
-            for hole, mover in zip(holes, movers):
-                order[hole] = mover
-            for layer in self.cache.layers:
-                layer.move_rows(holes, movers, n)
-        else:
-            order = list(rows)
-            self.cache.batch_select_indices(torch.tensor(order, device=self.mask.device))
-        index = torch.tensor(order, dtype=torch.long, device=self.mask.device)
-        self.ids = [self.ids[r] for r in order]
-        self.logits, self.mask, self.positions = (
-            self.logits[index],
-            self.mask[index],
-            self.positions[index],
-        )
-        if rows and self.joinable:
-            lead = int(self.mask.any(dim=0).int().argmax())
-            if lead:
-                self.mask = self.mask[:, lead:]
-                for layer in self.cache.layers:
-                    layer.drop_front(lead)
-        return order
-
-    @staticmethod
-    def stack(parts: list[_Running], room: int) -> _Running:
-        """One batch of all the parts' rows, right-aligned to the longest cache.
-
-        Shorter caches are left-padded with masked zeros: each row still attends to exactly its
-        own tokens at its own positions, as with left padding in one batch. One copy of every
-        cache into a new buffer with `room` free positions after the longest.
-        """
-        import torch
-
-        first = parts[0]
-        if len(parts) == 1:
-            return first
-        width = max(part.mask.shape[1] for part in parts)
-        for layers in zip(*(part.cache.layers for part in parts)):
-            layers[0].stack(layers, width, room)
-
-        def padded(mask: Any) -> Any:
-            return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
-
-        first.ids = [i for part in parts for i in part.ids]
-        first.mask = torch.cat([padded(part.mask) for part in parts])
-        first.logits = torch.cat([part.logits for part in parts])
-        first.positions = torch.cat([part.positions for part in parts])
-        return first
-
-
-def chat_request(messages: list[dict[str, str]], seed: int | None = None) -> str:
-    """The cached "prompt" of the openai backend: the chat messages (and a per-sample seed).
-
-    The server applies the model's chat template itself, so the exact request body is what
-    identifies an answer. `seed` tells apart repeated samples of one prompt (synthesis).
-    """
-    body: dict[str, Any] = {"messages": messages}
-    if seed is not None:
-        body["seed"] = seed
-    return json.dumps(body, ensure_ascii=False, sort_keys=True)
-
-
-class OpenAIGenerator(_Generator):
-    """Any OpenAI-compatible chat endpoint (vLLM, SGLang, Ollama, `transformers serve`, an API).
-
-    The API key is read from the environment variable named in config, never from config.
-    Greedy decoding is `temperature=0`, which vLLM and `transformers serve` treat as argmax.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        params: GenParams,
-        *,
-        api_key_env: str = "OPENAI_API_KEY",
-        timeout: float = 600.0,
-        retries: int = 4,
-        concurrency: int = 4,
-        backoff_s: float = 1.0,
-        config_key: str = "base_url",
-    ) -> None:
-        if not base_url:
-            raise QaLabError(
-                f"{config_key} is required for the openai backend (e.g. http://127.0.0.1:8000/v1)"
-            )
-        self.url = str(base_url).rstrip("/") + "/chat/completions"
-        self.model, self.params = model, params
-        self.timeout, self.retries, self.backoff_s = float(timeout), int(retries), backoff_s
-        self.api_key = os.environ.get(api_key_env or "", "")
-        self.concurrency = max(1, int(concurrency))
-
-    @classmethod
-    def from_cfg(cls, node: Any, prefix: str, params: GenParams, model: str) -> OpenAIGenerator:
-        """Build from a config node (base_url, api_key_env, timeout, retries, concurrency...).
-
-        `prefix` is the node's dotted path, so a missing `base_url` error names the key to set.
-        """
-        return cls(
-            node.get("base_url"),
-            model,
-            params,
-            api_key_env=node.get("api_key_env") or "",
-            timeout=float(node.get("timeout") or 600),
-            retries=int(node.get("retries") if node.get("retries") is not None else 4),
-            concurrency=int(node.get("concurrency") or 4),
-            backoff_s=float(node.get("backoff_s") or 1.0),
-            config_key=f"{prefix}.base_url",
-        )
-
-    def stream(self, prompts: Sequence[str]) -> Iterator[list[tuple[int, dict[str, Any]]]]:
-        """Answer `chat_request` prompts, `concurrency` requests at a time.
-
-        Each group is yielded (and so committed to the cache) before the next goes out; when a
-        request fails for good, the group's finished answers are yielded before the error.
-        """
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            for start in range(0, len(prompts), self.concurrency):
-                group = range(start, min(start + self.concurrency, len(prompts)))
-                futures = {i: pool.submit(self.complete, **json.loads(prompts[i])) for i in group}
-                errors = [f.exception() for f in futures.values() if f.exception() is not None]
-                done = [(i, f.result()) for i, f in futures.items() if f.exception() is None]
-                if done:
-                    yield done
-                if errors:
-                    raise errors[0]
-
-    def complete(self, messages: list[dict[str, str]], seed: int | None = None) -> dict[str, Any]:
-        """One chat completion, retried with exponential backoff on 429/5xx/connection errors."""
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": self.params.max_new_tokens,
-            "temperature": self.params.temperature if self.params.do_sample else 0.0,
-            "seed": self.params.seed if seed is None else seed,
-        }
-        if self.params.stop_strings:
-            body["stop"] = list(self.params.stop_strings)[:4]  # the API allows at most 4
-        started = time.perf_counter()
-        reply = self._post(body)
-        try:
-            choice = reply["choices"][0]
-            content = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise QaLabError(
-                f"{self.url}: unexpected reply (no choices[0].message): {str(reply)[:200]}"
-            ) from None
-        text, stopped = cut_at_stop(content, self.params.stop_strings)
-        # vLLM names the stop string that ended the answer; other servers just say "stop".
-        stopped = stopped or choice.get("stop_reason") in self.params.stop_strings
-        usage = reply.get("usage") or {}
-        reason = "eos"
-        if choice.get("finish_reason") == "length":
-            reason = "length"
-        elif stopped:
-            reason = "stop_string"
-        return {
-            "prediction": text.strip(),
-            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-            "generated_tokens": int(usage.get("completion_tokens") or 0),
-            "stop_reason": reason,
-            "seconds": time.perf_counter() - started,
-        }
-
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries: 429 and 5xx and connection errors back off, other codes fail."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(
-            self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
-        )
-        for attempt in range(self.retries + 1):
-            wait = self.backoff_s * 2**attempt
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    raw = resp.read().decode("utf-8")
-                try:
-                    return json.loads(raw)
-                except json.JSONDecodeError:
-                    raise QaLabError(f"{self.url}: reply is not JSON: {raw[:200]!r}") from None
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace")[:200]
-                if (err.code != 429 and err.code < 500) or attempt == self.retries:
-                    raise QaLabError(
-                        f"{self.url}: HTTP {err.code} {err.reason} {detail}"
-                        f" (model {self.model!r}, after {attempt + 1} tries)"
-                    ) from None
-                wait = max(wait, _retry_after(err.headers.get("Retry-After")))
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                if attempt == self.retries:
-                    reason = getattr(err, "reason", err)
-                    raise QaLabError(
-                        f"{self.url}: unreachable after {attempt + 1} tries ({reason});"
-                        " finished answers are cached, rerun to resume"
-                    ) from None
-            time.sleep(min(wait, 60.0))
-        raise AssertionError("unreachable")  # the loop returns or raises
-
-
-def _retry_after(value: str | None) -> float:
-    """Seconds asked for by a Retry-After header (0 when absent or not a number)."""
-    try:
-        return max(0.0, float(value)) if value else 0.0
-    except ValueError:
-        return 0.0
-
-
 def generate_cached(
     item_ids: Sequence[str],
     prompts: Sequence[str],
     params: GenParams,
-    make_generator: Callable[[], LocalGenerator | OpenAIGenerator],
+    make_generator: Callable[[], Generator],
     cache: ItemCache,
     model_key: str,
     *,
@@ -747,14 +125,14 @@ def generate_cached(
     from tqdm.auto import tqdm
 
     salts = salts or [""] * len(prompts)
-    keys = [request_key(model_key, p, params, s) for p, s in zip(prompts, salts)]
-    found = cache.get_many(keys)
-    todo = [i for i, k in enumerate(keys) if k not in found]
+    req_keys = [request_key(model_key, p, params, s) for p, s in zip(prompts, salts)]
+    found = cache.get_many(req_keys)
+    todo = [i for i, k in enumerate(req_keys) if k not in found]
     if todo:
         generator = make_generator()
         bar = tqdm(total=len(todo), unit="answer", desc="generate", disable=not progress)
         for group in generator.stream([prompts[i] for i in todo]):
-            fresh = {keys[todo[j]]: answer for j, answer in group}
+            fresh = {req_keys[todo[j]]: answer for j, answer in group}
             cache.put_many(fresh)  # committed as they finish: an interrupted run loses none
             found.update(fresh)
             bar.update(len(fresh))
@@ -777,5 +155,166 @@ def generate_cached(
             },
             extra={"cached": i not in generated},
         )
-        for i, (iid, key) in enumerate(zip(item_ids, keys))
+        for i, (iid, key) in enumerate(zip(item_ids, req_keys))
     ]
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How one evaluate run answers: its model key, prompt renderer and (lazy) generator."""
+
+    model_key: str
+    render: Callable[[list[dict[str, str]]], str]
+    make_generator: Callable[[], Generator]  # built once, only when an answer is missing
+
+
+def backend(cfg: Any, params: GenParams, adapter: Path | None, model_key: str) -> Backend:
+    """The configured backend (`llm.backend`) for `model_key` (base id, or `lora:<train_key>`).
+
+    The local one renders prompts with the model's own chat template; the openai one sends
+    the messages and lets the server apply it.
+    """
+    kind = require_choice("llm.backend", cfg.llm.get("backend", "local"), ("local", "openai"))
+    if kind == "openai":
+        from qa_lab.openai_client import OpenAIGenerator, chat_request
+
+        served = served_model(cfg, adapter)
+        upstream = model_key if adapter is not None else keys.base_name(cfg.llm)
+        return Backend(
+            keys.served_model_key(
+                served,
+                cfg.llm.get("served_precision"),
+                upstream,
+                fold=cfg.llm.get("system_turn") == "fold",
+            ),
+            chat_request,
+            functools.cache(
+                functools.partial(OpenAIGenerator.from_cfg, cfg.llm, "llm", params, served)
+            ),
+        )
+    from qa_lab import models
+
+    tokenizer = models.load_tokenizer(cfg.llm, cfg.paths.models)
+    merged = None if adapter is None else models.merges_adapter(cfg.llm)
+    return Backend(
+        keys.local_model_key(model_key, device=models.pick_device(cfg.llm.device), merged=merged),
+        functools.partial(prompts.render_prompt, tokenizer),
+        functools.cache(functools.partial(local_generator, cfg, tokenizer, params, adapter)),
+    )
+
+
+def local_generator(cfg: Any, tokenizer: Any, params: GenParams, adapter: Path | None) -> Any:
+    """The in-process generator: the base model, with the LoRA adapter if any.
+
+    The adapter is merged into a full-precision base (same answers as the PEFT wrapper,
+    tested, less overhead per step) and left unmerged on a quantized one, where merging would
+    round the delta away (`models.with_adapter`).
+    """
+    import torch
+
+    from qa_lab import models
+    from qa_lab.local_engine import LocalGenerator
+
+    if cfg.generation.threads:
+        torch.set_num_threads(int(cfg.generation.threads))
+    torch.manual_seed(int(cfg.seed))
+    model = models.load_llm(cfg.llm, cfg.paths.models)
+    if adapter is not None:
+        model = models.with_adapter(model, adapter)
+    gen = cfg.generation
+    return LocalGenerator(model, tokenizer, params, int(gen.batch_size), gen.get("batch_tokens"))
+
+
+def served_model(cfg: Any, adapter: Path | None) -> str:
+    """The model name sent to an OpenAI-compatible server.
+
+    For `model=lora` it is the adapter's served name, as vLLM serves LoRA adapters
+    (`--lora-modules NAME=FOLDER`): `llm.served_adapter`, or the adapter folder's name; the
+    command that serves it is printed.
+    """
+    if adapter is None:
+        return str(cfg.llm.get("served_model") or cfg.llm.name)
+    name = str(cfg.llm.get("served_adapter") or adapter.name)
+    print(f"openai backend: requesting adapter {name!r}; serve it with: "
+          f"{vllm_command(cfg, name, adapter)}", flush=True)  # fmt: skip
+    return name
+
+
+def vllm_command(cfg: Any, name: str, adapter: Path) -> str:
+    """A `vllm serve` command line that serves the base model with this adapter."""
+    quantized = " --quantization bitsandbytes" if cfg.llm.get("load_in_4bit") else ""
+    return (
+        f"vllm serve {cfg.llm.name}{quantized} --enable-lora "
+        f"--max-lora-rank {vllm_lora_rank(int(cfg.model.r))} --lora-modules {name}={adapter}"
+    )
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts that holds a rank-`r` adapter."""
+    for rank in VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise QaLabError(f"model.r={r}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}")
+
+
+class Answerer:
+    """Renders items' prompts and answers them through the per-item cache, as `EvalRow`s."""
+
+    def __init__(self, backend: Backend, params: GenParams, cache: ItemCache, prompt: Any) -> None:
+        self.backend, self.params, self.cache = backend, params, cache
+        self.system, self.context_header = prompt.system, prompt.context_header  # `prompt` node
+
+    def render(
+        self, items: list[QAItem], passages: list[list[Passage]]
+    ) -> tuple[list[list[dict[str, str]]], list[str]]:
+        """Each item's chat messages (system prompt, context, question) and prompt text."""
+        messages = [
+            prompts.build_messages(
+                it.question,
+                ps,
+                system=self.system,
+                context_header=self.context_header,
+            )
+            for it, ps in zip(items, passages)
+        ]
+        return messages, [self.backend.render(m) for m in messages]
+
+    def __call__(
+        self,
+        items: list[QAItem],
+        passages: list[list[Passage]],
+        rendered: tuple[list[list[dict[str, str]]], list[str]],
+    ) -> tuple[list[EvalRow], dict[str, float]]:
+        """The items' rows and the run's generation speed (over freshly generated answers)."""
+        messages, texts = rendered
+        started = time.perf_counter()
+        preds = generate_cached(
+            [it.id for it in items],
+            texts,
+            self.params,
+            self.backend.make_generator,
+            self.cache,
+            self.backend.model_key,
+        )
+        wall = time.perf_counter() - started
+        rows = [
+            EvalRow.answered(it, p, ps, m, text, self.params.max_new_tokens)
+            for it, p, ps, m, text in zip(items, preds, passages, messages, texts)
+        ]
+        return rows, speed(rows, wall)
+
+
+def speed(rows: list[EvalRow], wall_s: float) -> dict[str, float]:
+    """Wall time, answers generated (not cached), and answers and tokens per generation second."""
+    fresh = [r for r in rows if not r.cached]
+    speed = {"generation_wall_s": wall_s, "answers_generated": len(fresh)}
+    gen_s = sum(r.seconds or 0.0 for r in fresh)
+    if fresh:
+        speed["answers_per_s"] = len(fresh) / gen_s if gen_s else 0.0
+        speed["tokens_per_s"] = (
+            sum(r.generated_tokens or 0 for r in fresh) / gen_s if gen_s else 0.0
+        )
+    return speed

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from qa_lab import prompts
 from qa_lab.cache import ItemCache, stable_hash
 from qa_lab.errors import QaLabError
+from qa_lab.records import EvalRow
 
 # Per-item columns: judge_<verdict> 0/1 flags (their means are the verdict rates),
 # judge_unparseable 0/1 and judge_score 1-5 (NaN when unparseable, so it is left out of the mean).
@@ -89,14 +90,15 @@ def item_scores(parsed: dict[str, Any] | None) -> dict[str, float]:
 
 
 def judge_rows(
-    rows: Sequence[Mapping[str, Any]], judge_cfg: Any, cache_dir: str | Path
+    rows: Sequence[EvalRow], judge_cfg: Any, cache_dir: str | Path
 ) -> tuple[list[dict[str, float]], list[str], dict[str, Any]]:
     """Judge every row: per-item columns, the final reply texts (row order), run-level info.
 
     `judge_cfg` is the `metrics.judge` node (model, base_url, api_key_env, temperature,
     max_tokens, timeout, retries, concurrency).
     """
-    from qa_lab.generation import GenParams, OpenAIGenerator, chat_request, generate_cached
+    from qa_lab.generation import GenParams, generate_cached
+    from qa_lab.openai_client import OpenAIGenerator, chat_request
 
     if judge_cfg is None or not judge_cfg.get("model"):
         raise QaLabError(
@@ -125,10 +127,9 @@ def judge_rows(
         )
         return [r.prediction for r in replies]
 
-    ids = [str(r.get("item_id") or i) for i, r in enumerate(rows)]
+    ids = [str(r.item_id or i) for i, r in enumerate(rows)]
     chats = [
-        prompts.judge_messages(str(r["question"]), str(r["reference"]), str(r["prediction"]))
-        for r in rows
+        prompts.judge_messages(str(r.question), str(r.reference), str(r.prediction)) for r in rows
     ]
     replies = ask(ids, chats)
     parsed = [parse_verdict(text) for text in replies]

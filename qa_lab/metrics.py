@@ -1,20 +1,11 @@
-"""Per-item answer scores and corpus metrics: lexical, semantic, diagnostics, retrieval.
+"""Scoring composition: which metric groups score a run, per-item scores, CIs and breakdowns.
 
-Per-item outputs are the product: every metric here yields one float per item, in item order,
-so that CIs, paired tests and the 2x2 decomposition can be derived from them later. Corpus-level
-metrics (corpus BLEU) also return their per-item sufficient statistics for the same reason.
-
-Conventions that follow the original study (HF `evaluate`'s "bleu" and "rouge"):
-- BLEU is reported on a 0-1 scale (sacrebleu's 0-100 divided by 100).
-- Corpus BLEU-4 with sacrebleu's 13a tokenizer and no smoothing equals HF's `bleu` (tensorflow
-  nmt `compute_bleu`) for single-reference data; the one tokenizer difference (a hyphen
-  followed by a segment-final newline) is removed before scoring, see `_hf_13a_compat`.
-- ROUGE-L is the plain mean of per-item F1. HF's `rouge` reports the median of 1000 unseeded
-  bootstrap means instead, which moves the 4th decimal from run to run.
-
-Items with several references (a list answer): BLEU uses them all (sacrebleu's multi-reference
-n-gram clipping and closest reference length), ROUGE-L F1, EM and token F1 take the best
-reference, as SQuAD does. BERTScore, length ratio and retrieval compare with the first reference.
+Per-item outputs are the product: every metric yields one float per item, in item order, so
+that CIs, paired tests and the 2x2 decomposition can be derived from them later. The groups
+live in their own modules (`lexical`, `semantic` for BERTScore, `diagnostics`,
+`retrieval_metrics`; `judge` asks an LLM server); `score_items` runs the configured ones
+through `GROUP_SCORERS`, a plain dict, and `score_rows` adds the judge, the bootstrap CIs
+(clusters: seed lineages) and the per-topic and near-duplicate means a run logs.
 
 BERTScore is loaded lazily (torch/transformers only when the semantic group is asked for).
 """
@@ -22,66 +13,21 @@ BERTScore is loaded lazily (torch/transformers only when the semantic group is a
 from __future__ import annotations
 
 import math
-import re
-import string
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qa_lab.cache import stable_hash
+from qa_lab import diagnostics, lexical
 from qa_lab.errors import QaLabError, require_choice
+from qa_lab.records import EvalRow
 
 METRICS_VERSION = 1
-# `judge` asks an LLM server (qa_lab.judge); stages.score_rows runs it next to score_items.
+# `judge` asks an LLM server (qa_lab.judge); score_rows runs it after score_items.
 METRIC_GROUPS = ("lexical", "semantic", "diagnostics", "retrieval", "judge")
-EXACT_MATCH_MODES = ("squad", "strip_lower")
-BLEU_SMOOTH_METHODS = ("none", "exp", "floor", "add-k")
-BLEU_MAX_ORDER = 4
-# Columns of the per-item BLEU statistics: hypothesis length, reference length, then matched
-# and total n-grams for n = 1..4. Summing rows and scoring the sum gives corpus BLEU exactly.
-BLEU_STATS_COLUMNS = (
-    ("sys_len", "ref_len")
-    + tuple(f"correct_{n}" for n in range(1, BLEU_MAX_ORDER + 1))
-    + tuple(f"total_{n}" for n in range(1, BLEU_MAX_ORDER + 1))
-)
-
-# A new turn the model invented after (or instead of) its answer, matched at the start of any
-# line. Fine-tuned models trained on "Question:/Answer:" text keep going with
-# "\n\nQuestion:\n..." until the token limit; chat models emit their role markers.
-RUNAWAY_PATTERNS: tuple[str, ...] = (
-    r"^[ \t]*(?:\*\*)?Question[ \t]*:",
-    r"^[ \t]*(?:\*\*)?Q[ \t]*:",
-    r"^[ \t]*#{1,6}[ \t]*Question\b",
-    r"^[ \t]*(?:\*\*)?User[ \t]*:",
-    r"^[ \t]*<\|im_start\|>",
-    r"^[ \t]*\[INST\]",
-)
-# "Answer:" only counts after the first line: an answer that opens with "Answer:" merely echoes
-# the prompt's cue, one that has it on a later line has started a second exchange.
-RUNAWAY_AFTER_FIRST_LINE: tuple[str, ...] = (r"^[ \t]*(?:\*\*)?Answer[ \t]*:",)
-_RUNAWAY_RE = re.compile("|".join(RUNAWAY_PATTERNS), re.MULTILINE)
-_RUNAWAY_LATER_RE = re.compile("|".join(RUNAWAY_AFTER_FIRST_LINE), re.MULTILINE)
-
-# Abstentions: "I don't know", "cannot answer", "not sure", "no information" (any case, straight
-# or curly apostrophe).
-IDK_PATTERN = (
-    r"\b(?:don['\u2019]?t\s+know|do\s+not\s+know|can(?:not|['\u2019]t|\s+not)\s+answer"
-    r"|not\s+sure|no\s+information)\b"
-)
-_IDK_RE = re.compile(IDK_PATTERN, re.IGNORECASE)
-
-# Retrieved answers are compared with the reference in the embedded MiniLM's space (the same
-# model the FAISS retriever uses by default).
-RETRIEVAL_EMBEDDER = "all-MiniLM-L6-v2"
-BERTSCORE_BASELINE_SEED = 0
-
 # Per-item 0/1 flags whose corpus value is a rate, under the name the MLflow runs use.
-SENTENCE_END = ".!?)]}\"'`*:;"
 RATE_NAMES = {
     "unfinished": "unfinished_rate",
     "empty": "empty_rate",
@@ -122,7 +68,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 
 
 # --------------------------------------------------------------------------------------------
-# config
+# options
 
 
 def validate_groups(groups: str | Iterable[str]) -> tuple[str, ...]:
@@ -158,469 +104,84 @@ def _need(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-# --------------------------------------------------------------------------------------------
-# lexical
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD v1.1's official `normalize_answer`: lowercase, drop punctuation and articles.
-
-    Kept byte-for-byte in behaviour with the official script so EM/F1 are comparable with
-    published SQuAD-style numbers.
-    """
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-_PUNCTUATION = frozenset(string.punctuation)
-
-# One reference, or several (the item is scored against the best / all of them).
-Reference = str | Sequence[str]
-
-
-def _ref_list(reference: Reference) -> list[str]:
-    return [reference] if isinstance(reference, str) else list(reference)
-
-
-def exact_match(prediction: str, reference: Reference, mode: str = "squad") -> float:
-    """1.0 when the prediction equals the (or any) reference after normalisation, else 0.0.
-
-    `mode="squad"` uses `normalize_answer`; `mode="strip_lower"` only strips and lowercases,
-    which is what the original study did (so its EM is stricter about punctuation).
-    """
-    require_choice("metrics.exact_match", mode, EXACT_MATCH_MODES)
-    if mode == "strip_lower":
-        key = prediction.strip().lower()
-        return float(any(key == r.strip().lower() for r in _ref_list(reference)))
-    key = normalize_answer(prediction)
-    return float(any(key == normalize_answer(r) for r in _ref_list(reference)))
-
-
-def token_f1(prediction: str, reference: Reference) -> float:
-    """SQuAD v1.1 token F1, the best over several references (0 when nothing overlaps).
-
-    As in the official script, two empty strings score 0, not 1.
-    """
-    return max(_token_f1(prediction, r) for r in _ref_list(reference))
-
-
-def _token_f1(prediction: str, reference: str) -> float:
-    pred_tokens = normalize_answer(prediction).split()
-    ref_tokens = normalize_answer(reference).split()
-    common = Counter(pred_tokens) & Counter(ref_tokens)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision = same / len(pred_tokens)
-    recall = same / len(ref_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-@lru_cache(maxsize=4)
-def _rouge_scorer(stemmer: bool) -> Any:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stemmer)
-
-
-def rouge_l_f1(
-    predictions: Sequence[str], references: Sequence[Reference], *, stemmer: bool = True
-) -> list[float]:
-    """ROUGE-L F1 per item (the best reference) with rouge_score's tokenizer.
-
-    rouge_score keeps lowercase ASCII alphanumerics only, so text in other scripts scores 0;
-    `stemmer` applies Porter stemming to tokens longer than 3 characters.
-    """
-    scorer = _rouge_scorer(bool(stemmer))
-    return [
-        max(float(scorer.score(r, pred)["rougeL"].fmeasure) for r in _ref_list(ref))
-        for pred, ref in zip(predictions, references)
-    ]
-
-
-def _hf_13a_compat(text: str) -> str:
-    # HF's Tokenizer13a deletes "-\n" before anything else; sacrebleu rstrips the segment
-    # first, so a segment ending in "-\n" keeps its hyphen there. Deleting it up front is a
-    # no-op for sacrebleu everywhere else and makes the two tokenizations identical.
-    return text.replace("-\n", "")
-
-
 @dataclass(frozen=True)
-class BleuScores:
-    """Corpus BLEU (0-1), its sacrebleu signature, sentence BLEU and per-item statistics."""
+class BertScoreOptions:
+    """`metrics.bertscore`: the model, its layer, baseline pairs and batch (conf/metrics/)."""
 
-    corpus: float
-    signature: str
-    sentence: list[float]
-    stats: np.ndarray  # shape (n_items, 10), columns BLEU_STATS_COLUMNS
-    smooth: str
-
-
-def bleu_scores(
-    predictions: Sequence[str],
-    references: Sequence[Reference],
-    *,
-    tokenize: str = "13a",
-    smooth: str = "none",
-) -> BleuScores:
-    """Corpus BLEU-4 (sacrebleu, one or several references per item) plus sentence BLEU per item.
-
-    Corpus BLEU uses the configured smoothing (`none` reproduces HF `evaluate`'s bleu).
-    Sentence BLEU always uses sacrebleu's sentence defaults (exp smoothing, effective order):
-    unsmoothed, almost every short answer would score exactly 0 and the mean would say nothing.
-    The per-item n-gram statistics let a bootstrap recompute corpus BLEU on resampled items
-    without re-tokenising (`corpus_bleu_from_stats`).
-    """
-    from sacrebleu.metrics import BLEU
-
-    require_choice("metrics.bleu_smooth", smooth, BLEU_SMOOTH_METHODS)
-    require_choice("metrics.bleu_tokenize", tokenize, tuple(BLEU.TOKENIZERS))
-    if len(predictions) != len(references):
-        raise ValueError("predictions and references differ in length")
-    ref_lists = [_ref_list(r) for r in references]
-    if tokenize == "13a":
-        predictions = [_hf_13a_compat(p) for p in predictions]
-        ref_lists = [[_hf_13a_compat(r) for r in refs] for refs in ref_lists]
-    # sacrebleu takes one stream per reference position; None pads items with fewer.
-    width = max((len(refs) for refs in ref_lists), default=1)
-    streams = [[refs[j] if j < len(refs) else None for refs in ref_lists] for j in range(width)]
-    corpus_metric = BLEU(tokenize=tokenize, smooth_method=smooth)
-    corpus = corpus_metric.corpus_score(list(predictions), streams)
-    sentence_metric = BLEU(tokenize=tokenize, smooth_method="exp", effective_order=True)
-    sentence: list[float] = []
-    stats = np.zeros((len(predictions), len(BLEU_STATS_COLUMNS)), dtype=np.int64)
-    for row, (pred, refs) in enumerate(zip(predictions, ref_lists)):
-        score = sentence_metric.sentence_score(pred, refs)
-        sentence.append(score.score / 100.0)
-        stats[row] = [score.sys_len, score.ref_len, *score.counts, *score.totals]
-    return BleuScores(
-        corpus=corpus.score / 100.0,
-        signature=str(corpus_metric.get_signature()),
-        sentence=sentence,
-        stats=stats,
-        smooth=smooth,
-    )
-
-
-def corpus_bleu_from_stats(stats: np.ndarray, *, smooth: str = "none") -> float:
-    """Corpus BLEU (0-1) from summed per-item statistics (rows of `BleuScores.stats`).
-
-    Equal to sacrebleu's corpus score on the same items; used for bootstrap CIs of corpus BLEU.
-    """
-    from sacrebleu.metrics import BLEU
-
-    total = np.asarray(stats, dtype=np.int64).reshape(-1, len(BLEU_STATS_COLUMNS)).sum(axis=0)
-    k = BLEU_MAX_ORDER
-    score = BLEU.compute_bleu(
-        correct=[int(x) for x in total[2 : 2 + k]],
-        total=[int(x) for x in total[2 + k : 2 + 2 * k]],
-        sys_len=int(total[0]),
-        ref_len=int(total[1]),
-        smooth_method=smooth,
-    )
-    return score.score / 100.0
-
-
-# --------------------------------------------------------------------------------------------
-# semantic (BERTScore)
-
-
-@dataclass(frozen=True)
-class BertScoreResult:
-    """Raw and rescaled BERTScore per item, and the baseline that did the rescaling."""
-
-    precision_raw: list[float]
-    recall_raw: list[float]
-    f1_raw: list[float]
-    precision: list[float]
-    recall: list[float]
-    f1: list[float]
-    baseline: tuple[float, float, float]  # (P, R, F) of unrelated pairs
-    baseline_source: str  # "official" (bert_score's table) | "computed" (unrelated references)
     model: str
     num_layers: int
+    baseline_pairs: int
+    batch_size: int
+    device: str | None  # optional key: None scores on the CPU
 
 
-def official_baseline_path(model: str, lang: str = "en") -> Path | None:
-    """bert_score's shipped rescaling table for `model`, or None when it has none.
+@dataclass(frozen=True)
+class BootstrapOptions:
+    """`metrics.bootstrap`: resamples, confidence level and seed of every CI and paired test."""
 
-    Only hub names such as "roberta-large" have one; a local folder never does, and
-    `bert_score.score(..., rescale_with_baseline=True)` then only prints a warning and returns
-    raw scores.
+    resamples: int
+    confidence: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class MetricsOptions:
+    """The `metrics` config node, read once (each key documented in conf/metrics/default.yaml).
+
+    `from_cfg` fails on the first missing or invalid key with a one-line error naming it,
+    before any scoring work. `judge` stays the config node: `judge.judge_rows` reads it.
     """
-    import bert_score
 
-    path = Path(bert_score.__file__).parent / "rescale_baseline" / lang / f"{model}.tsv"
-    return path if path.is_file() else None
+    groups: tuple[str, ...]
+    bleu_smooth: str
+    bleu_tokenize: str
+    rouge_stemmer: bool
+    copy_threshold: float
+    exact_match: str
+    bertscore: BertScoreOptions
+    bootstrap: BootstrapOptions
+    sample_count: int
+    sample_seed: int
+    judge: Any = None
 
-
-@lru_cache(maxsize=2)
-def _bert_scorer(
-    model_type: str, num_layers: int, official: bool, device: str, batch_size: int
-) -> Any:
-    from bert_score import BERTScorer
-
-    try:
-        # lang only tells bert_score where its official table is (read via `baseline_vals`);
-        # rescaling is applied in `bertscore`, the same formula for both baseline sources.
-        return BERTScorer(
-            model_type=model_type,
-            num_layers=num_layers,
-            batch_size=batch_size,
-            device=device,
-            lang="en" if official else None,
-            rescale_with_baseline=False,
+    @classmethod
+    def from_cfg(cls, metrics_cfg: Any) -> MetricsOptions:
+        """Read and check a `metrics` node (a DictConfig or a plain mapping)."""
+        cfg = _plain(metrics_cfg)
+        groups = validate_groups(_need(cfg, "groups"))
+        smooth = require_choice(
+            "metrics.bleu_smooth", _need(cfg, "bleu_smooth"), lexical.BLEU_SMOOTH_METHODS
         )
-    except OSError as err:
-        raise QaLabError(
-            f"metrics.bertscore.model={model_type!r} could not be loaded ({type(err).__name__}); "
-            "use all-MiniLM-L6-v2 or a local folder"
-        ) from None
-
-
-def _raw_bertscore(scorer: Any, candidates: Sequence[str], references: Sequence[str]) -> np.ndarray:
-    """Raw (P, R, F) rows, shape (3, n); blank candidate or reference scores 0 (bert_score's rule).
-
-    bert_score 0.3.13 encodes a blank string with `build_inputs_with_special_tokens`, which
-    transformers 5 tokenizers no longer have, so blanks never reach it.
-    """
-    out = np.zeros((3, len(candidates)))
-    keep = [i for i, (c, r) in enumerate(zip(candidates, references)) if c.strip() and r.strip()]
-    if keep:
-        p, r, f = scorer.score([candidates[i] for i in keep], [references[i] for i in keep])
-        out[:, keep] = np.stack([t.detach().cpu().numpy() for t in (p, r, f)])
-    return out
-
-
-_BASELINES: dict[str, tuple[float, float, float]] = {}
-
-
-def unrelated_pairs(n: int, pairs: int, seed: int = BERTSCORE_BASELINE_SEED) -> np.ndarray:
-    """`pairs` random (i, j) index pairs with i != j, from a fixed seed."""
-    if n < 2:
-        raise QaLabError("metrics.bertscore: rescaling needs at least 2 non-blank references")
-    rng = np.random.default_rng(seed)
-    first = rng.integers(0, n, size=pairs)
-    second = (first + rng.integers(1, n, size=pairs)) % n
-    return np.stack([first, second], axis=1)
-
-
-def bertscore_baseline(
-    references: Sequence[str],
-    scorer: Any,
-    *,
-    model: str,
-    pairs: int,
-    seed: int = BERTSCORE_BASELINE_SEED,
-) -> tuple[float, float, float]:
-    """Mean raw BERTScore (P, R, F) of random unrelated reference pairs: the rescaling floor.
-
-    This is how BERTScore's official baselines were made (random sentence pairs), computed on
-    this evaluation set's references because no table exists for a local model: candidate and
-    reference come from two different items. Blank references and pairs of identical texts
-    (duplicate references) are left out. Cached in memory by
-    (model, layer, references hash, pairs, seed).
-    """
-    key = stable_hash([model, int(scorer.num_layers), list(references), int(pairs), int(seed)])
-    if key in _BASELINES:
-        return _BASELINES[key]
-    if int(pairs) < 1:
-        raise QaLabError(f"metrics.bertscore.baseline_pairs={pairs} must be >= 1")
-    texts = [t for t in references if t.strip()]
-    index = unrelated_pairs(len(texts), int(pairs), seed)
-    index = index[[texts[i] != texts[j] for i, j in index]]
-    if len(index) == 0:
-        raise QaLabError("metrics.bertscore: all references are identical; cannot rescale")
-    raw = _raw_bertscore(scorer, [texts[i] for i in index[:, 0]], [texts[j] for j in index[:, 1]])
-    baseline = (float(raw[0].mean()), float(raw[1].mean()), float(raw[2].mean()))
-    _BASELINES[key] = baseline
-    return baseline
-
-
-def _rescale(values: Iterable[float], base: float) -> list[float]:
-    return [(float(v) - base) / (1.0 - base) for v in values]
-
-
-def bertscore(
-    predictions: Sequence[str],
-    references: Sequence[str],
-    *,
-    model: str = RETRIEVAL_EMBEDDER,
-    num_layers: int = 6,
-    baseline_pairs: int = 1000,
-    batch_size: int = 64,
-    device: str = "cpu",
-    seed: int = BERTSCORE_BASELINE_SEED,
-) -> BertScoreResult:
-    """BERTScore P/R/F1 per item, raw and rescaled with a baseline.
-
-    Raw BERTScore sits in a narrow band (with MiniLM layer 6, unrelated answers score ~0.2-0.3
-    and identical ones 1.0), so raw differences look small and are not comparable across
-    models. Rescaling `(raw - b) / (1 - b)` with b = the score of unrelated pairs puts
-    "unrelated" at ~0. Models with an official bert_score table (e.g. roberta-large) use its
-    row for `num_layers`; others get b computed on unrelated reference pairs
-    (`bertscore_baseline`), because `rescale_with_baseline=True` on a local model only prints
-    a warning and returns raw scores.
-    """
-    from qa_lab.models import resolve_embedder_path
-
-    official = official_baseline_path(model) is not None
-    model_type = model if official else resolve_embedder_path(model)
-    scorer = _bert_scorer(str(model_type), int(num_layers), official, device, int(batch_size))
-    raw = _raw_bertscore(scorer, list(predictions), list(references))
-    if official:
-        b = tuple(float(x) for x in scorer.baseline_vals)
-        source = "official"
-    else:
-        b = bertscore_baseline(references, scorer, model=model, pairs=baseline_pairs, seed=seed)
-        source = "computed"
-    rescaled = [_rescale(col, base) for col, base in zip(raw, b)]
-    return BertScoreResult(
-        precision_raw=raw[0].tolist(),
-        recall_raw=raw[1].tolist(),
-        f1_raw=raw[2].tolist(),
-        precision=rescaled[0],
-        recall=rescaled[1],
-        f1=rescaled[2],
-        baseline=(float(b[0]), float(b[1]), float(b[2])),
-        baseline_source=source,
-        model=model,
-        num_layers=int(num_layers),
-    )
+        mode = require_choice(
+            "metrics.exact_match", _need(cfg, "exact_match"), lexical.EXACT_MATCH_MODES
+        )
+        return cls(
+            groups=groups,
+            bleu_smooth=str(smooth),
+            bleu_tokenize=str(_need(cfg, "bleu_tokenize")),
+            rouge_stemmer=bool(_need(cfg, "rouge_stemmer")),
+            copy_threshold=float(_need(cfg, "copy_threshold")),
+            exact_match=str(mode),
+            bertscore=BertScoreOptions(
+                model=str(_need(cfg, "bertscore.model")),
+                num_layers=int(_need(cfg, "bertscore.num_layers")),
+                baseline_pairs=int(_need(cfg, "bertscore.baseline_pairs")),
+                batch_size=int(_need(cfg, "bertscore.batch_size")),
+                device=_need(cfg, "bertscore").get("device"),
+            ),
+            bootstrap=BootstrapOptions(
+                resamples=int(_need(cfg, "bootstrap.resamples")),
+                confidence=float(_need(cfg, "bootstrap.confidence")),
+                seed=int(_need(cfg, "bootstrap.seed")),
+            ),
+            sample_count=int(_need(cfg, "samples.count")),
+            sample_seed=int(_need(cfg, "samples.seed")),
+            judge=metrics_cfg.get("judge"),  # the node itself: judge reads it as config
+        )
 
 
 # --------------------------------------------------------------------------------------------
-# diagnostics
-
-
-def is_empty(prediction: str) -> float:
-    """1.0 when the answer is blank after stripping whitespace."""
-    return float(not prediction.strip())
-
-
-def is_truncated(
-    stop_reason: str | None = None,
-    generated_tokens: int | None = None,
-    max_new_tokens: int | None = None,
-) -> float:
-    """1.0 when generation hit the token limit; NaN when nothing says how it stopped.
-
-    The recorded `stop_reason` wins; without it, reaching `max_new_tokens` counts as cut off.
-    NaN (not 0) for unknown keeps imported prediction files from reporting a 0% rate.
-    """
-    if stop_reason is not None and stop_reason != "":
-        return float(stop_reason == "length")
-    if generated_tokens is not None and max_new_tokens is not None:
-        return float(int(generated_tokens) >= int(max_new_tokens))
-    return math.nan
-
-
-def is_runaway(prediction: str) -> float:
-    """1.0 when the answer goes on to invent a new turn (see `RUNAWAY_PATTERNS`)."""
-    if _RUNAWAY_RE.search(prediction):
-        return 1.0
-    _, newline, rest = prediction.lstrip().partition("\n")
-    return float(bool(newline) and _RUNAWAY_LATER_RE.search(rest) is not None)
-
-
-def length_ratio(prediction: str, reference: str) -> float:
-    """Whitespace words in the prediction per word in the reference (reference floored at 1)."""
-    return len(prediction.split()) / max(len(reference.split()), 1)
-
-
-def is_unfinished(prediction: str) -> float:
-    """1.0 when a non-empty answer stops mid-sentence (no closing punctuation).
-
-    Files scored without token counts cannot say whether generation hit its limit; an answer
-    cut mid-sentence is the visible trace of that, so this stands in for the truncation rate.
-    """
-    text = prediction.rstrip()
-    return float(bool(text) and text[-1] not in SENTENCE_END)
-
-
-def is_idk(prediction: str) -> float:
-    """1.0 when the answer abstains ("I don't know", "cannot answer", ...; `IDK_PATTERN`)."""
-    return float(_IDK_RE.search(prediction) is not None)
-
-
-def throughput(n_answers: int, generated_tokens: int, seconds: float) -> dict[str, float]:
-    """Answers and generated tokens per second of wall time (NaN when no time was measured)."""
-    if seconds <= 0:
-        return {"answers_per_s": math.nan, "tokens_per_s": math.nan}
-    return {"answers_per_s": n_answers / seconds, "tokens_per_s": generated_tokens / seconds}
-
-
-# --------------------------------------------------------------------------------------------
-# retrieval
-
-
-def _get(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
-
-
-def retrieval_scores(
-    retrieved: Sequence[Sequence[Any]],
-    references: Sequence[str],
-    predictions: Sequence[str],
-    *,
-    copy_threshold: float = 0.9,
-    stemmer: bool = True,
-    embedder: str = RETRIEVAL_EMBEDDER,
-    cache_dir: str | Path | None = None,
-) -> dict[str, list[float]]:
-    """How good the retrieved context was, per item, independently of the generator.
-
-    `retrieved[i]` holds {answer, score} passages (dicts or `Passage`s). Returns the top-1
-    similarity the retriever reported, and the best ROUGE-L F1 and best cosine (embedded
-    MiniLM) of any retrieved answer against the reference. Items without passages get NaN.
-
-    It also says whether the generator *copied*: `copy_rougeL` is the prediction's best
-    ROUGE-L F1 against a retrieved answer and `copied` flags it at `copy_threshold` or more.
-    A RAG win made of copies of near-duplicate training answers is leakage, not reasoning.
-    """
-    from qa_lab.retrieval import embed
-
-    top1: list[float] = []
-    best_rouge: list[float] = []
-    copy_rouge: list[float] = []
-    flat_answers: list[str] = []
-    owners: list[int] = []
-    scorer = _rouge_scorer(bool(stemmer))
-    for item, (passages, ref) in enumerate(zip(retrieved, references)):
-        passages = list(passages or [])
-        if not passages:
-            top1.append(math.nan)
-            best_rouge.append(math.nan)
-            copy_rouge.append(math.nan)
-            continue
-        top1.append(max(float(_get(p, "score")) for p in passages))
-        answers = [str(_get(p, "answer") or "") for p in passages]
-        best_rouge.append(max(scorer.score(ref, a)["rougeL"].fmeasure for a in answers))
-        pred = predictions[item]
-        copy_rouge.append(max(scorer.score(a, pred)["rougeL"].fmeasure for a in answers))
-        flat_answers.extend(answers)
-        owners.extend([item] * len(answers))
-    best_cos = np.full(len(references), np.nan)
-    if flat_answers:
-        ref_vecs = embed(list(references), embedder, cache_dir=cache_dir)
-        ans_vecs = embed(flat_answers, embedder, cache_dir=cache_dir)
-        owner_idx = np.asarray(owners)
-        # Both sides are unit-normalised, so the row-wise dot product is the cosine.
-        sims = np.einsum("ij,ij->i", ans_vecs, ref_vecs[owner_idx]).astype(float)
-        np.fmax.at(best_cos, owner_idx, sims)  # fmax: NaN (no value yet) loses to any number
-    return {
-        "retrieval_top1_score": top1,
-        "retrieval_best_rougeL": [float(v) for v in best_rouge],
-        "retrieval_best_cosine": best_cos.tolist(),
-        "copy_rougeL": copy_rouge,
-        "copied": [v if math.isnan(v) else float(v >= copy_threshold) for v in copy_rouge],
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# everything at once
+# per-item scores
 
 
 @dataclass
@@ -634,9 +195,7 @@ class ScoreResult:
 
     per_item: list[dict[str, float]]
     corpus: dict[str, Any]
-    ids: list[str | None] = field(default_factory=list)
-    topics: list[str | None] = field(default_factory=list)
-    seed_ids: list[str | None] = field(default_factory=list)
+    topics: list[str | None]
     bleu_stats: np.ndarray | None = None
     bleu_smooth: str = "none"
 
@@ -655,7 +214,7 @@ class ScoreResult:
         """Corpus BLEU over a subset or resample of items (for `stats.bootstrap_corpus_ci`)."""
         if self.bleu_stats is None:
             raise ValueError("no BLEU statistics: the lexical group was not scored")
-        return corpus_bleu_from_stats(
+        return lexical.corpus_bleu_from_stats(
             self.bleu_stats[np.asarray(indices, dtype=int)], smooth=self.bleu_smooth
         )
 
@@ -692,24 +251,16 @@ def _means(per_item: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _row_references(row: Mapping[str, Any], index: int) -> list[str]:
-    """`references` (a list) when the row has several, else its one `reference`."""
-    refs = row.get("references")
-    if isinstance(refs, list | tuple) and refs:
-        return [str(r) for r in refs]
-    reference = row.get("reference")
-    if isinstance(reference, list | tuple) and reference:
-        return [str(r) for r in reference]
-    return [_row_text(row, "reference", index)]
+@dataclass(frozen=True)
+class _Batch:
+    """What every group scorer reads: the rows, their answers and references, the embedder."""
 
-
-def _row_text(row: Mapping[str, Any], key: str, index: int) -> str:
-    value = row.get(key)
-    if value is None:
-        raise QaLabError(
-            f"item {index}: missing {key!r} (rows need question, prediction, reference)"
-        )
-    return str(value)
+    rows: Sequence[EvalRow]
+    predictions: list[str]
+    ref_lists: list[list[str]]  # every reference of each item (BLEU, ROUGE-L, EM, token F1)
+    references: list[str]  # the first one (BERTScore, length ratio, retrieval)
+    embedder: str
+    cache_dir: str | Path | None
 
 
 def _put(per_item: list[dict[str, float]], name: str, values: Iterable[float]) -> None:
@@ -717,115 +268,233 @@ def _put(per_item: list[dict[str, float]], name: str, values: Iterable[float]) -
         row[name] = float(value)
 
 
-def score_items(
-    rows: Sequence[Mapping[str, Any]],
-    metrics_cfg: Any,
-    *,
-    embedder_cache_dir: str | Path | None = None,
-) -> ScoreResult:
-    """Score predictions against references with the metric groups named in the config.
+def _score_lexical(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -> None:
+    preds, refs = batch.predictions, batch.ref_lists
+    bleu = lexical.bleu_scores(preds, refs, tokenize=opts.bleu_tokenize, smooth=opts.bleu_smooth)
+    result.corpus["bleu"] = bleu.corpus
+    result.corpus["bleu_signature"] = bleu.signature
+    result.bleu_stats, result.bleu_smooth = bleu.stats, opts.bleu_smooth
+    per_item = result.per_item
+    _put(per_item, "sentence_bleu", bleu.sentence)
+    _put(per_item, "rougeL_f1", lexical.rouge_l_f1(preds, refs, stemmer=opts.rouge_stemmer))
+    _put(
+        per_item,
+        "exact_match",
+        (lexical.exact_match(p, r, opts.exact_match) for p, r in zip(preds, refs)),
+    )
+    _put(per_item, "token_f1", (lexical.token_f1(p, r) for p, r in zip(preds, refs)))
 
-    `rows` carry question, prediction and reference, and optionally id, topic, seed_id,
-    stop_reason, generated_tokens, max_new_tokens and retrieved ([{answer, score}, ...]).
-    `metrics_cfg` is the `metrics` config node (conf/metrics/*.yaml). The retrieval group is
-    skipped when no row carries retrieved passages (vanilla and LoRA runs).
-    """
-    cfg = _plain(metrics_cfg)
-    groups = validate_groups(_need(cfg, "groups"))
-    if not rows:
-        raise QaLabError("metrics: no items to score")
-    predictions = [_row_text(r, "prediction", i) for i, r in enumerate(rows)]
-    ref_lists = [_row_references(r, i) for i, r in enumerate(rows)]
-    references = [refs[0] for refs in ref_lists]  # the first: BERTScore, length, retrieval
-    for i, r in enumerate(rows):
-        _row_text(r, "question", i)
-    per_item: list[dict[str, float]] = [{} for _ in rows]
-    corpus: dict[str, Any] = {"metrics_version": METRICS_VERSION, "n_items": len(rows)}
-    result = ScoreResult(
-        per_item=per_item,
-        corpus=corpus,
-        ids=[(r.get("id") or r.get("item_id")) for r in rows],
-        topics=[r.get("topic") for r in rows],
-        seed_ids=[r.get("seed_id") for r in rows],
+
+def _score_semantic(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -> None:
+    from qa_lab.models import pick_device
+    from qa_lab.semantic import bertscore
+
+    o = opts.bertscore
+    bs = bertscore(
+        batch.predictions,
+        batch.references,
+        model=o.model,
+        num_layers=o.num_layers,
+        baseline_pairs=o.baseline_pairs,
+        batch_size=o.batch_size,
+        device=pick_device(str(o.device or "cpu")),
+    )
+    for name in ("f1", "f1_raw", "precision", "recall", "precision_raw", "recall_raw"):
+        _put(result.per_item, f"bertscore_{name}", getattr(bs, name))
+    result.corpus.update(
+        bertscore_model=bs.model,
+        bertscore_num_layers=bs.num_layers,
+        bertscore_baseline_precision=bs.baseline[0],
+        bertscore_baseline_recall=bs.baseline[1],
+        bertscore_baseline_f1=bs.baseline[2],
+        bertscore_baseline_source=bs.baseline_source,
     )
 
-    if "lexical" in groups:
-        smooth = str(_need(cfg, "bleu_smooth"))
-        bleu = bleu_scores(
-            predictions, ref_lists, tokenize=str(_need(cfg, "bleu_tokenize")), smooth=smooth
-        )
-        corpus["bleu"] = bleu.corpus
-        corpus["bleu_signature"] = bleu.signature
-        result.bleu_stats, result.bleu_smooth = bleu.stats, smooth
-        _put(per_item, "sentence_bleu", bleu.sentence)
-        stemmer = bool(_need(cfg, "rouge_stemmer"))
-        _put(per_item, "rougeL_f1", rouge_l_f1(predictions, ref_lists, stemmer=stemmer))
-        mode = require_choice("metrics.exact_match", _need(cfg, "exact_match"), EXACT_MATCH_MODES)
-        _put(
-            per_item,
-            "exact_match",
-            (exact_match(p, r, mode) for p, r in zip(predictions, ref_lists)),
-        )
-        _put(per_item, "token_f1", (token_f1(p, r) for p, r in zip(predictions, ref_lists)))
 
-    if "semantic" in groups:
-        bs_cfg = _need(cfg, "bertscore")
-        from qa_lab.models import pick_device
+def _score_diagnostics(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -> None:
+    preds, per_item = batch.predictions, result.per_item
+    _put(per_item, "empty", (diagnostics.is_empty(p) for p in preds))
+    _put(
+        per_item,
+        "truncated",
+        (
+            diagnostics.is_truncated(r.stop_reason, r.generated_tokens, r.max_new_tokens)
+            for r in batch.rows
+        ),
+    )
+    _put(per_item, "runaway", (diagnostics.is_runaway(p) for p in preds))
+    _put(per_item, "unfinished", (diagnostics.is_unfinished(p) for p in preds))
+    _put(
+        per_item,
+        "length_ratio",
+        (diagnostics.length_ratio(p, r) for p, r in zip(preds, batch.references)),
+    )
+    _put(per_item, "idk", (diagnostics.is_idk(p) for p in preds))
 
-        bs = bertscore(
-            predictions,
-            references,
-            model=str(_need(cfg, "bertscore.model")),
-            num_layers=int(_need(cfg, "bertscore.num_layers")),
-            baseline_pairs=int(_need(cfg, "bertscore.baseline_pairs")),
-            batch_size=int(bs_cfg.get("batch_size") or 64),
-            device=pick_device(str(bs_cfg.get("device") or "cpu")),
-        )
-        _put(per_item, "bertscore_f1", bs.f1)
-        _put(per_item, "bertscore_f1_raw", bs.f1_raw)
-        _put(per_item, "bertscore_precision", bs.precision)
-        _put(per_item, "bertscore_recall", bs.recall)
-        _put(per_item, "bertscore_precision_raw", bs.precision_raw)
-        _put(per_item, "bertscore_recall_raw", bs.recall_raw)
-        corpus.update(
-            bertscore_model=bs.model,
-            bertscore_num_layers=bs.num_layers,
-            bertscore_baseline_precision=bs.baseline[0],
-            bertscore_baseline_recall=bs.baseline[1],
-            bertscore_baseline_f1=bs.baseline[2],
-            bertscore_baseline_source=bs.baseline_source,
-        )
 
-    if "diagnostics" in groups:
-        _put(per_item, "empty", (is_empty(p) for p in predictions))
-        _put(
-            per_item,
-            "truncated",
-            (
-                is_truncated(
-                    r.get("stop_reason"), r.get("generated_tokens"), r.get("max_new_tokens")
-                )
-                for r in rows
-            ),
-        )
-        _put(per_item, "runaway", (is_runaway(p) for p in predictions))
-        _put(per_item, "unfinished", (is_unfinished(p) for p in predictions))
-        _put(
-            per_item, "length_ratio", (length_ratio(p, r) for p, r in zip(predictions, references))
-        )
-        _put(per_item, "idk", (is_idk(p) for p in predictions))
+def _score_retrieval(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -> None:
+    """Skipped when no row carries retrieved passages (vanilla and LoRA runs)."""
+    from qa_lab.retrieval_metrics import retrieval_scores
 
-    if "retrieval" in groups and any(r.get("retrieved") for r in rows):
-        scores = retrieval_scores(
-            [r.get("retrieved") or [] for r in rows],
-            references,
-            predictions,
-            copy_threshold=float(cfg.get("copy_threshold", 0.9)),
-            stemmer=bool(cfg.get("rouge_stemmer", True)),
-            cache_dir=embedder_cache_dir,
-        )
-        for name, values in scores.items():
-            _put(per_item, name, values)
+    if not any(r.retrieved for r in batch.rows):
+        return
+    scores = retrieval_scores(
+        [list(r.retrieved or []) for r in batch.rows],
+        batch.references,
+        batch.predictions,
+        copy_threshold=opts.copy_threshold,
+        stemmer=opts.rouge_stemmer,
+        embedder=batch.embedder,
+        cache_dir=batch.cache_dir,
+    )
+    for name, values in scores.items():
+        _put(result.per_item, name, values)
 
-    corpus.update({k: v for k, v in _means(per_item).items() if k not in corpus})
+
+# One scorer per metric group, run in this order (the per-item columns' order) whatever the
+# order of `metrics.groups`. `judge` needs a server and runs in `score_rows`.
+GROUP_SCORERS: dict[str, Callable[[_Batch, MetricsOptions, ScoreResult], None]] = {
+    "lexical": _score_lexical,
+    "semantic": _score_semantic,
+    "diagnostics": _score_diagnostics,
+    "retrieval": _score_retrieval,
+}
+
+
+def _references(row: EvalRow) -> list[str]:
+    """`references` when the row has several, else its one `reference`."""
+    return [str(r) for r in row.references] if row.references else [str(row.reference)]
+
+
+def score_items(
+    rows: Sequence[EvalRow],
+    opts: MetricsOptions,
+    *,
+    embedder: str,
+    cache_dir: str | Path | None = None,
+) -> ScoreResult:
+    """Score predictions against references with the configured metric groups.
+
+    `embedder` (the `embedder` group's model) embeds retrieved answers for the retrieval
+    group; `cache_dir` holds the embedding cache.
+    """
+    if not rows:
+        raise QaLabError("metrics: no items to score")
+    ref_lists = [_references(r) for r in rows]
+    batch = _Batch(
+        rows=rows,
+        predictions=[str(r.prediction) for r in rows],
+        ref_lists=ref_lists,
+        references=[refs[0] for refs in ref_lists],
+        embedder=embedder,
+        cache_dir=cache_dir,
+    )
+    result = ScoreResult(
+        per_item=[{} for _ in rows],
+        corpus={"metrics_version": METRICS_VERSION, "n_items": len(rows)},
+        topics=[r.topic for r in rows],
+    )
+    for group, scorer in GROUP_SCORERS.items():
+        if group in opts.groups:
+            scorer(batch, opts, result)
+    corpus = result.corpus
+    corpus.update({k: v for k, v in _means(result.per_item).items() if k not in corpus})
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# a run's scores
+
+
+@dataclass(frozen=True)
+class RunScores:
+    """Everything an evaluate run logs about its answers.
+
+    `rows` carry their per-item `scores` (and judge replies); `corpus` the corpus values and
+    per-item means; `ci` one CI per metric (mean, low, high, n, method); `summary` the flat
+    run metrics (headline with `_ci_low`/`_ci_high`, `topic/<t>/<m>`, near-dup splits);
+    `topics` the per-topic means.
+    """
+
+    rows: list[EvalRow]
+    corpus: dict[str, Any]
+    ci: dict[str, dict[str, Any]]
+    summary: dict[str, float]
+    topics: dict[str, dict[str, float]]
+
+
+def score_rows(
+    rows: Sequence[EvalRow],
+    opts: MetricsOptions,
+    *,
+    embedder: str,
+    cache_dir: str | Path,
+) -> RunScores:
+    """Per-item scores, the judge if asked, CIs (cluster bootstrap by seed) and breakdowns."""
+    scored = score_items(rows, opts, embedder=embedder, cache_dir=cache_dir)
+    replies: list[str | None] = [None] * len(rows)
+    if "judge" in opts.groups:
+        replies = _judge(rows, scored, opts, cache_dir)
+    ci = _cis(rows, scored, opts.bootstrap)
+    topics = scored.topic_means()
+    return RunScores(
+        rows=[
+            replace(r, scores=s, **({"judge_reply": j} if j is not None else {}))
+            for r, s, j in zip(rows, scored.per_item, replies)
+        ],
+        corpus=scored.corpus,
+        ci=ci,
+        summary=_summary(rows, scored, ci, topics),
+        topics=topics,
+    )
+
+
+def _judge(
+    rows: Sequence[EvalRow], scored: ScoreResult, opts: MetricsOptions, cache_dir: str | Path
+) -> list[str | None]:
+    """Add the judge's per-item columns and run info; return its replies (row order)."""
+    from qa_lab import judge
+
+    judged, replies, info = judge.judge_rows(rows, opts.judge, cache_dir)
+    for scores, extra in zip(scored.per_item, judged):
+        scores.update(extra)
+    scored.corpus.update(info)
+    return list(replies)
+
+
+def _cis(
+    rows: Sequence[EvalRow], scored: ScoreResult, boot: BootstrapOptions
+) -> dict[str, dict[str, Any]]:
+    """One CI per metric; corpus BLEU resampled from its per-item statistics."""
+    from qa_lab import stats
+
+    opts = {"resamples": boot.resamples, "confidence": boot.confidence, "seed": boot.seed}
+    clusters = [r.seed_id or r.item_id or str(i) for i, r in enumerate(rows)]
+    ci: dict[str, dict[str, Any]] = {}
+    if scored.bleu_stats is not None:
+        ci["bleu"] = stats.bootstrap_corpus_ci(
+            len(rows), scored.corpus_bleu, clusters=clusters, **opts
+        ).as_dict()
+    for name in scored.metric_names():
+        run_name = RATE_NAMES.get(name, name)
+        ci[run_name] = stats.bootstrap_ci(scored.column(name), clusters=clusters, **opts).as_dict()
+    return ci
+
+
+def _summary(
+    rows: Sequence[EvalRow],
+    scored: ScoreResult,
+    ci: dict[str, dict[str, Any]],
+    topics: dict[str, dict[str, float]],
+) -> dict[str, float]:
+    """The flat run metrics: each CI's mean and bounds, per-topic and near-dup means."""
+    summary: dict[str, float] = {}
+    for name, c in ci.items():
+        summary.update({name: c["mean"], f"{name}_ci_low": c["low"], f"{name}_ci_high": c["high"]})
+    for topic, means in topics.items():
+        summary.update({f"topic/{topic}/{name}": v for name, v in means.items()})
+    if rows and all(r.near_dup is not None for r in rows):
+        labels = ["near_dup" if r.near_dup else "not_near_dup" for r in rows]
+        for group, means in scored.group_means(labels).items():
+            summary.update({f"{group}/{name}": v for name, v in means.items()})
+    return summary

@@ -63,6 +63,13 @@ def fit_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[dict[st
     """
     if not messages or messages[0]["role"] != "system" or _takes_system(tokenizer):
         return messages
+    return fold_system(messages)
+
+
+def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The system turn's text on top of the first user turn (no system turn left)."""
+    if len(messages) < 2 or messages[0]["role"] != "system":
+        return messages
     system, first, *rest = messages
     return [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
 

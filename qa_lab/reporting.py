@@ -6,8 +6,6 @@ so any finished sweep can be re-reported later with `evaluate.py report=<parent 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import random
 import re
@@ -15,8 +13,9 @@ from collections.abc import Sequence
 from itertools import combinations
 from typing import Any
 
-from qa_lab import tracking
+from qa_lab import figures, report_html, tracking
 from qa_lab.errors import QaLabError
+from qa_lab.records import EvalRow
 
 HEADLINE = ("bleu", "rougeL_f1", "bertscore_f1", "exact_match", "token_f1")
 PAIRED = ("rougeL_f1", "bertscore_f1", "token_f1", "sentence_bleu", "exact_match")
@@ -70,57 +69,29 @@ def sample_ids(item_ids: Sequence[str], count: int, seed: int) -> list[str]:
     return sorted(random.Random(seed).sample(ordered, min(count, len(ordered))))
 
 
-def samples_md(rows: list[dict[str, Any]], samples_cfg: Any) -> str:
+def samples_md(rows: Sequence[EvalRow], count: int, seed: int) -> str:
     """Qualitative samples: question, reference and prediction for fixed ids."""
-    chosen = set(
-        sample_ids([r["item_id"] for r in rows], int(samples_cfg.count), int(samples_cfg.seed))
-    )
+    chosen = set(sample_ids([r.item_id for r in rows], count, seed))
     parts = []
     for r in rows:
-        if r["item_id"] in chosen:
+        if r.item_id in chosen:
             parts.append(
-                f"### {r['item_id']}\n**Q:** {r['question']}\n\n**Reference:** {r['reference']}\n\n"
-                f"**Prediction:** {r['prediction']}\n"
+                f"### {r.item_id}\n**Q:** {r.question}\n\n**Reference:** {r.reference}\n\n"
+                f"**Prediction:** {r.prediction}\n"
             )
     return "\n".join(parts)
 
 
-def topic_figure(topics: dict[str, dict[str, float]]) -> Any:
-    """Per-topic means of the headline per-item metrics."""
-    plt = _pyplot()
-    names = [
-        m
-        for m in ("rougeL_f1", "bertscore_f1", "token_f1")
-        if topics and m in next(iter(topics.values()))
-    ]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / max(1, len(names))
-    labels = list(topics)
-    for j, name in enumerate(names):
-        ax.bar(
-            [i + j * width for i in range(len(labels))],
-            [topics[t][name] for t in labels],
-            width=width,
-            label=name,
-        )
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=30, ha="right")
-    ax.set_title("Per-topic scores")
-    ax.legend()
-    fig.tight_layout()
-    return fig
+def log_run_summary(scored: Any, sample_count: int, sample_seed: int) -> None:
+    """An evaluate run's readable artifacts: metric table, fixed samples, per-topic figure.
 
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-# --------------------------------------------------------------------------- sweep report
+    `scored` is the run's `metrics.RunScores`; the metric table is printed too.
+    """
+    table = metric_table_md(scored.ci)
+    tracking.log_text(table, "metrics.md")
+    tracking.log_text(samples_md(scored.rows, sample_count, sample_seed), "samples.md")
+    tracking.log_figure(figures.topic_figure(scored.topics), "per_topic.png")
+    print(table)
 
 
 def _labels(runs: list[dict[str, Any]]) -> list[str]:
@@ -157,12 +128,19 @@ def _load_runs(parent_run_id: str) -> list[dict[str, Any]]:
     for r, label in zip(runs, _labels(runs)):
         r["label"] = label
         r["ci"] = json.loads(tracking.run_artifact_text(r["run_id"], "metrics.json"))
-        r["items"] = [
-            json.loads(line)
-            for line in tracking.run_artifact_text(r["run_id"], "per_item.jsonl").splitlines()
-            if line.strip()
-        ]
+        r["items"] = _items(r["run_id"])
     return runs
+
+
+def _items(run_id: str) -> list[EvalRow]:
+    """A run's scored rows, read back from its per_item.jsonl artifact."""
+    where = f"runs:/{run_id}/per_item.jsonl"
+    lines = tracking.run_artifact_text(run_id, "per_item.jsonl").splitlines()
+    return [
+        EvalRow.from_dict(json.loads(line), where=f"{where}:{n}")
+        for n, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
 
 
 def paired_comparisons(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
@@ -170,14 +148,12 @@ def paired_comparisons(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, 
     from qa_lab import stats
 
     out = []
-    clusters = [it.get("seed_id") or it["item_id"] for it in runs[0]["items"]]
-    for metric in PAIRED:
-        if metric not in runs[0]["items"][0]["scores"]:
-            continue
+    clusters = _clusters(runs[0])
+    for metric in _paired_metrics(runs):
         rows = []
         for a, b in combinations(runs, 2):
-            va = [it["scores"][metric] for it in a["items"]]
-            vb = [it["scores"][metric] for it in b["items"]]
+            va = [it.scores[metric] for it in a["items"]]
+            vb = [it.scores[metric] for it in b["items"]]
             test = stats.paired_test(
                 va, vb, clusters=clusters, resamples=int(boot.resamples), seed=int(boot.seed)
             )
@@ -195,12 +171,10 @@ def effects(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
     by_variant = {r["tags"].get("qa_lab.variant"): r for r in runs}
     if len(runs) != 4 or set(by_variant) != set(VARIANTS_2X2):
         return []
-    clusters = [it.get("seed_id") or it["item_id"] for it in runs[0]["items"]]
+    clusters = _clusters(runs[0])
     out = []
-    for metric in PAIRED:
-        if metric not in runs[0]["items"][0]["scores"]:
-            continue
-        cells = [[it["scores"][metric] for it in by_variant[v]["items"]] for v in VARIANTS_2X2]
+    for metric in _paired_metrics(runs):
+        cells = [[it.scores[metric] for it in by_variant[v]["items"]] for v in VARIANTS_2X2]
         result = stats.effects_2x2(
             *cells, clusters=clusters, resamples=int(boot.resamples), seed=int(boot.seed)
         )
@@ -209,92 +183,14 @@ def effects(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _fig_b64(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return base64.b64encode(buf.getvalue()).decode()
+def _clusters(run: dict[str, Any]) -> list[str]:
+    """Bootstrap clusters of a run's items: seed lineages (an item without one is its own)."""
+    return [it.seed_id or it.item_id for it in run["items"]]
 
 
-def _bars_figure(runs: list[dict[str, Any]]) -> Any:
-    plt = _pyplot()
-    metrics = [m for m in HEADLINE if m in runs[0]["ci"]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        means = [r["ci"][m]["mean"] for r in runs]
-        err = [
-            [mu - r["ci"][m]["low"] for mu, r in zip(means, runs)],
-            [r["ci"][m]["high"] - mu for mu, r in zip(means, runs)],
-        ]
-        ax.bar(range(len(runs)), means, yerr=err, capsize=4, color="tab:blue")
-        ax.set_xticks(range(len(runs)))
-        ax.set_xticklabels([r["label"] for r in runs], rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{m} {arrow(m)}")
-    fig.suptitle("Headline metrics with 95% CIs")
-    fig.tight_layout()
-    return fig
-
-
-def _loss_figure(runs: list[dict[str, Any]]) -> Any | None:
-    plt = _pyplot()
-    curves = []
-    for r in runs:
-        key = r["tags"].get("qa_lab.model_key", "")
-        if not key.startswith("lora:"):
-            continue
-        train_run = tracking.find_finished_run("train", key.removeprefix("lora:"))
-        if train_run is None or any(c[0] == key for c in curves):
-            continue
-        curves.append(
-            (
-                key,
-                r["label"],
-                tracking.metric_history(train_run, "train/loss"),
-                tracking.metric_history(train_run, "val/loss"),
-            )
-        )
-    if not curves:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for _, label, train, val in curves:
-        ax.plot([s for s, _ in train], [v for _, v in train], label=f"{label} train")
-        if val:
-            ax.plot([s for s, _ in val], [v for _, v in val], marker="o", label=f"{label} val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.set_title("LoRA training and validation loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _sweep_figure(runs: list[dict[str, Any]]) -> Any | None:
-    """Metrics against k or learning rate, for sweeps over one variant (not the 2x2 grid)."""
-    if len({r["tags"].get("qa_lab.variant") for r in runs}) > 1 and not all(
-        r["tags"].get("qa_lab.variant") in ("vanilla", "rag") for r in runs
-    ):
-        return None
-    for param in ("retriever.k", "model.learning_rate"):
-        values = {r["params"].get(param) for r in runs}
-        if len(values) > 1 and None not in values:
-            plt = _pyplot()
-            ordered = sorted(runs, key=lambda r: float(r["params"][param]))
-            xs = [float(r["params"][param]) for r in ordered]
-            fig, ax = plt.subplots(figsize=(6, 3.6))
-            for m in ("rougeL_f1", "bertscore_f1", "token_f1"):
-                if m in ordered[0]["ci"]:
-                    ys = [r["ci"][m]["mean"] for r in ordered]
-                    lo = [r["ci"][m]["low"] for r in ordered]
-                    hi = [r["ci"][m]["high"] for r in ordered]
-                    ax.plot(xs, ys, marker="o", label=m)
-                    ax.fill_between(xs, lo, hi, alpha=0.2)
-            if param == "model.learning_rate":
-                ax.set_xscale("log")
-            ax.set_xlabel(param)
-            ax.set_title(f"Metrics against {param}")
-            ax.legend()
-            fig.tight_layout()
-            return fig
-    return None
+def _paired_metrics(runs: list[dict[str, Any]]) -> list[str]:
+    """The paired metrics the runs scored (read off the first item)."""
+    return [m for m in PAIRED if m in runs[0]["items"][0].scores]
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -306,82 +202,134 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def build_report(
     runs: list[dict[str, Any]], boot: Any
 ) -> tuple[str, dict[str, Any], dict[str, float]]:
-    """Markdown report, its figures, and the comparison metrics to log on the parent."""
-    n = len(runs[0]["items"])
-    clusters = len({it.get("seed_id") or it["item_id"] for it in runs[0]["items"]})
-    headline = [m for m in HEADLINE if m in runs[0]["ci"]]
+    """Markdown report, its figures, and the comparison metrics to log on the parent.
+
+    `boot` holds the bootstrap's `resamples` and `seed` (`metrics.BootstrapOptions`).
+    """
+    comparisons = paired_comparisons(runs, boot)
+    eff = effects(runs, boot)
     md = [
+        *_summary_section(runs),
+        *_comparisons_section(comparisons),
+        *_effects_section(eff),
+        *_topic_section(runs),
+        *_diagnostics_section(runs),
+        *_retrieval_section(runs),
+        # why a config won: train vs test, near-duplicates, the split's leakage
+        *_train_vs_test(runs),
+        *_near_dup_split(runs),
+        *_leakage_audit(runs),
+        *_side_by_side_section(runs),
+    ]
+    logged = {**_comparison_metrics(comparisons), **_effect_metrics(eff)}
+    return "\n".join(md) + "\n", _figures(runs), logged
+
+
+def _headline(runs: list[dict[str, Any]]) -> list[str]:
+    return [m for m in HEADLINE if m in runs[0]["ci"]]
+
+
+def _grid_table(runs: list[dict[str, Any]], header: list[str]) -> str:
+    """Each run's headline metrics, mean [95% CI] (`header`: the metric columns' titles)."""
+    headline = _headline(runs)
+    return _table(
+        ["config", *header], [[r["label"]] + [fmt_ci(r["ci"][m]) for m in headline] for r in runs]
+    )
+
+
+def _summary_section(runs: list[dict[str, Any]]) -> list[str]:
+    """What was compared (configs, items, clusters, the eval set) and the headline grid."""
+    n = len(runs[0]["items"])
+    clusters = len(set(_clusters(runs[0])))
+    return [
         f"# qa-lab comparison report\n\n{len(runs)} configurations, {n} items "
         f"({clusters} seed clusters; CIs resample clusters), eval set "
         f"`{runs[0]['tags'].get('qa_lab.eval_set_hash')}`.\n",
         "## Grid (mean [95% CI])\n",
+        _grid_table(runs, [f"{m} {arrow(m)}" for m in _headline(runs)]),
+    ]
+
+
+def _comparisons_section(comparisons: list[dict[str, Any]]) -> list[str]:
+    if not comparisons:
+        return []
+    return [
+        "\n## Paired comparisons (b − a; p Holm-adjusted per metric)\n",
         _table(
-            ["config"] + [f"{m} {arrow(m)}" for m in headline],
-            [[r["label"]] + [fmt_ci(r["ci"][m]) for m in headline] for r in runs],
+            ["a", "b", "metric", "diff [95% CI]", "p", "p (Holm)", "effect size dz"],
+            [
+                [
+                    c["a"],
+                    c["b"],
+                    c["metric"],
+                    f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
+                    f"{c['p_value']:.4f}",
+                    f"{c['p_holm']:.4f}",
+                    f"{c['effect_size']:+.3f}",
+                ]
+                for c in comparisons
+            ],
         ),
     ]
-    comparisons = paired_comparisons(runs, boot)
+
+
+def _comparison_metrics(comparisons: list[dict[str, Any]]) -> dict[str, float]:
+    """`compare/<a>_vs_<b>/<metric>/{diff,ci_low,ci_high,p_value}` (p Holm-adjusted)."""
     logged: dict[str, float] = {}
-    if comparisons:
-        md += [
-            "\n## Paired comparisons (b − a; p Holm-adjusted per metric)\n",
-            _table(
-                ["a", "b", "metric", "diff [95% CI]", "p", "p (Holm)", "effect size dz"],
+    for c in comparisons:
+        base = f"compare/{metric_key(c['a'])}_vs_{metric_key(c['b'])}/{c['metric']}"
+        logged.update(
+            {
+                f"{base}/diff": c["diff"],
+                f"{base}/ci_low": c["ci_low"],
+                f"{base}/ci_high": c["ci_high"],
+                f"{base}/p_value": c["p_holm"],
+            }
+        )
+    return logged
+
+
+def _effects_section(eff: list[dict[str, Any]]) -> list[str]:
+    if not eff:
+        return []
+    return [
+        "\n## 2×2 decomposition\n",
+        "RAG = mean over fine-tuning levels of (with − without retrieval); "
+        "FT = mean over retrieval levels of (LoRA − vanilla); "
+        "interaction = (rag_lora − lora) − (rag − vanilla).\n",
+        _table(
+            ["effect", "metric", "estimate [95% CI]", "p"],
+            [
                 [
-                    [
-                        c["a"],
-                        c["b"],
-                        c["metric"],
-                        f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
-                        f"{c['p_value']:.4f}",
-                        f"{c['p_holm']:.4f}",
-                        f"{c['effect_size']:+.3f}",
-                    ]
-                    for c in comparisons
-                ],
-            ),
-        ]
-        for c in comparisons:
-            base = f"compare/{metric_key(c['a'])}_vs_{metric_key(c['b'])}/{c['metric']}"
-            logged.update(
-                {
-                    f"{base}/diff": c["diff"],
-                    f"{base}/ci_low": c["ci_low"],
-                    f"{base}/ci_high": c["ci_high"],
-                    f"{base}/p_value": c["p_holm"],
-                }
-            )
-    eff = effects(runs, boot)
-    if eff:
-        md += [
-            "\n## 2×2 decomposition\n",
-            "RAG = mean over fine-tuning levels of (with − without retrieval); "
-            "FT = mean over retrieval levels of (LoRA − vanilla); "
-            "interaction = (rag_lora − lora) − (rag − vanilla).\n",
-            _table(
-                ["effect", "metric", "estimate [95% CI]", "p"],
-                [
-                    [
-                        e["effect"],
-                        e["metric"],
-                        f"{e['estimate']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}]",
-                        f"{e['p_value']:.4f}",
-                    ]
-                    for e in eff
-                ],
-            ),
-        ]
-        for e in eff:
-            logged[f"effect/{e['effect']}/{e['metric']}"] = e["estimate"]
-    topics = sorted({it.get("topic") or "unknown" for it in runs[0]["items"]})
-    md += [
+                    e["effect"],
+                    e["metric"],
+                    f"{e['estimate']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}]",
+                    f"{e['p_value']:.4f}",
+                ]
+                for e in eff
+            ],
+        ),
+    ]
+
+
+def _effect_metrics(eff: list[dict[str, Any]]) -> dict[str, float]:
+    """`effect/{rag,ft,interaction}/<metric>`: the estimates."""
+    return {f"effect/{e['effect']}/{e['metric']}": e["estimate"] for e in eff}
+
+
+def _topic_section(runs: list[dict[str, Any]]) -> list[str]:
+    topics = sorted({it.topic or "unknown" for it in runs[0]["items"]})
+    return [
         f"\n## Per topic (mean {' / '.join(TOPIC_METRICS)})\n",
         _table(
             ["config"] + topics, [[r["label"]] + [_topic_cell(r, t) for t in topics] for r in runs]
         ),
     ]
+
+
+def _diagnostics_section(runs: list[dict[str, Any]]) -> list[str]:
     diag = [m for m in DIAGNOSTICS if m in runs[0]["ci"]]
-    md += [
+    return [
         "\n## Diagnostics\n",
         _table(
             ["config"] + [f"{m} {arrow(m)}" for m in diag] + ["answers/s", "tokens/s"],
@@ -393,45 +341,49 @@ def build_report(
             ],
         ),
     ]
+
+
+def _retrieval_section(runs: list[dict[str, Any]]) -> list[str]:
     retr = [m for m in RETRIEVAL if any(m in r["ci"] for r in runs)]
-    if retr:
-        md += [
-            "\n## Retrieval quality\n",
-            _table(
-                ["config"] + retr,
-                [
-                    [r["label"]]
-                    + [f"{r['ci'][m]['mean']:.3f}" if m in r["ci"] else "–" for m in retr]
-                    for r in runs
-                    if any(m in r["ci"] for m in retr)
-                ],
-            ),
-        ]
-    md += _learned_or_copied(runs)
-    md += ["\n## Side by side\n"]
-    by_id = [{it["item_id"]: it for it in r["items"]} for r in runs]
+    if not retr:
+        return []
+    return [
+        "\n## Retrieval quality\n",
+        _table(
+            ["config"] + retr,
+            [
+                [r["label"]] + [f"{r['ci'][m]['mean']:.3f}" if m in r["ci"] else "–" for m in retr]
+                for r in runs
+                if any(m in r["ci"] for m in retr)
+            ],
+        ),
+    ]
+
+
+def _side_by_side_section(runs: list[dict[str, Any]]) -> list[str]:
+    """Six fixed items (seeded by id): every config's answer under the question."""
+    md = ["\n## Side by side\n"]
+    by_id = [{it.item_id: it for it in r["items"]} for r in runs]
     for item_id in sample_ids(list(by_id[0]), 6, 0):
         first = by_id[0][item_id]
-        md.append(
-            f"### {item_id}\n**Q:** {first['question']}\n\n**Reference:** {first['reference']}\n"
-        )
+        md.append(f"### {item_id}\n**Q:** {first.question}\n\n**Reference:** {first.reference}\n")
         for r, items in zip(runs, by_id):
-            md.append(f"- **{r['label']}:** {items[item_id]['prediction'][:600]}")
+            md.append(f"- **{r['label']}:** {items[item_id].prediction[:600]}")
         md.append("")
-    figures = {"metrics": _bars_figure(runs)}
-    for name, fig in (("loss", _loss_figure(runs)), ("sweep", _sweep_figure(runs))):
+    return md
+
+
+def _figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's figures by name: headline bars always, loss and sweep curves when they apply."""
+    out = {"metrics": figures.bars(runs, {m: f"{m} {arrow(m)}" for m in _headline(runs)})}
+    for name, fig in (("loss", figures.loss_curves(runs)), ("sweep", figures.sweep_curves(runs))):
         if fig is not None:
-            figures[name] = fig
-    return "\n".join(md) + "\n", figures, logged
+            out[name] = fig
+    return out
 
 
 def _mean_n(values: list[float]) -> str:
     return f"{sum(values) / len(values):.3f} (n={len(values)})" if values else "–"
-
-
-def _learned_or_copied(runs: list[dict[str, Any]]) -> list[str]:
-    """Sections that say why a config won: train vs test, near-duplicates, the split's leakage."""
-    return _train_vs_test(runs) + _near_dup_split(runs) + _leakage_audit(runs)
 
 
 def _train_vs_test(runs: list[dict[str, Any]]) -> list[str]:
@@ -480,7 +432,7 @@ def _train_vs_test(runs: list[dict[str, Any]]) -> list[str]:
 
 def _near_dup_split(runs: list[dict[str, Any]]) -> list[str]:
     """Scores on items with a near-duplicate training question against the rest."""
-    if not all("near_dup" in it for it in runs[0]["items"]):
+    if not all(it.near_dup is not None for it in runs[0]["items"]):
         return []
     header = ["config"] + [f"{m} {part}" for m in TOPIC_METRICS for part in ("near-dup", "rest")]
     table = []
@@ -489,9 +441,9 @@ def _near_dup_split(runs: list[dict[str, Any]]) -> list[str]:
         for m in TOPIC_METRICS:
             for near in (True, False):
                 values = [
-                    it["scores"][m]
+                    it.scores[m]
                     for it in r["items"]
-                    if bool(it["near_dup"]) is near and m in it["scores"]
+                    if bool(it.near_dup) is near and m in it.scores
                 ]
                 cells.append(_mean_n(values))
         table.append(cells)
@@ -518,12 +470,12 @@ def _leakage_audit(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _topic_cell(run: dict[str, Any], topic: str) -> str:
-    items = [it for it in run["items"] if (it.get("topic") or "unknown") == topic]
+    items = [it for it in run["items"] if (it.topic or "unknown") == topic]
     if not items:
         return "–"
     cells = []
     for metric in TOPIC_METRICS:
-        values = [it["scores"][metric] for it in items if metric in it["scores"]]
+        values = [it.scores[metric] for it in items if metric in it.scores]
         cells.append(f"{sum(values) / len(values):.3f}" if values else "–")
     return " / ".join(cells) + f" (n={len(items)})"
 
@@ -535,55 +487,16 @@ def _speed(run: dict[str, Any], key: str) -> str:
 
 def report_sweep(cfg: Any, parent_run_id: str) -> str:
     """Build the report of a finished sweep from MLflow and log it on the parent run."""
+    from qa_lab.metrics import MetricsOptions
+
     runs = _load_runs(parent_run_id)
-    md, figures, logged = build_report(runs, cfg.metrics.bootstrap)
-    images = "".join(
-        f'<h3>{name}</h3><img src="data:image/png;base64,{_fig_b64(fig)}"/>'
-        for name, fig in figures.items()
-    )
-    html = _html(md, images)
+    md, figs, logged = build_report(runs, MetricsOptions.from_cfg(cfg.metrics).bootstrap)
     with tracking.resume_run(parent_run_id):
         tracking.log_text(md, "report/report.md")
-        tracking.log_text(html, "report/report.html")
-        for name, fig in figures.items():
+        tracking.log_text(report_html.page(md, figs), "report/report.html")
+        for name, fig in figs.items():
             tracking.log_figure(fig, f"report/{name}.png")
         tracking.log_metrics(logged)
-    headline = [m for m in HEADLINE if m in runs[0]["ci"]]
-    print(
-        _table(
-            ["config"] + headline,
-            [[r["label"]] + [fmt_ci(r["ci"][m]) for m in headline] for r in runs],
-        )
-    )
+    print(_grid_table(runs, _headline(runs)))
     print(f"report: runs:/{parent_run_id}/report/report.html — {tracking.ui_command(cfg.tracking)}")
     return md
-
-
-def _html(md: str, images: str) -> str:
-    """A self-contained HTML page (markdown tables rendered as HTML, figures inline)."""
-    import html as html_lib
-
-    body, table = [], []
-    for line in md.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [html_lib.escape(c.strip()) for c in line.strip("|").split("|")]
-            if not set("".join(cells)) <= set("-"):
-                tag = "th" if not table else "td"
-                table.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if table:
-            body.append("<table>" + "".join(table) + "</table>")
-            table = []
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html_lib.escape(line.lstrip('# '))}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{html_lib.escape(line).replace('**', '')}</p>")
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>qa-lab report</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}<h2>Figures</h2>{images}</body></html>"
-    )

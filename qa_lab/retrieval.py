@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from qa_lab import keys
 from qa_lab.cache import build_once, stable_hash
 from qa_lab.errors import QaLabError
 from qa_lab.records import Passage, QAItem
 
-INDEX_VERSION = 1
 DOCUMENT_KINDS = ("question_answer", "question", "answer")
 
 
@@ -70,13 +70,6 @@ def document_text(item: QAItem, kind: str) -> str:
     return f"{item.question}\n{item.answer}"
 
 
-def index_key(train_hash: str, embedder: str, document: str) -> str:
-    """Index identity: the training split, the embedder and the document form (not k)."""
-    return stable_hash(
-        {"train": train_hash, "embedder": embedder, "document": document, "v": INDEX_VERSION}
-    )
-
-
 class Retriever:
     """Top-k search over training pairs; with kind none (or k=0) every query gets nothing."""
 
@@ -104,7 +97,7 @@ class Retriever:
             raise QaLabError(f"retriever.k={k} is larger than the index ({len(train)} documents)")
         self.kind, self.k, self.train = kind, int(k), list(train)
         self.embedder, self.batch_size, self.cache_dir = embedder, batch_size, cache_dir
-        self.key = index_key(train_hash, embedder, document) if kind == "faiss" else "none"
+        self.key = keys.index_key(train_hash, embedder, document) if kind == "faiss" else "none"
         self._index = None
         if kind == "faiss" and self.k > 0:
             self._index = self._load_index(document)

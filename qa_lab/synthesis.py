@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from qa_lab.errors import QaLabError
+from qa_lab import keys
+from qa_lab.errors import QaLabError, require_choice
 from qa_lab.records import QAItem
 
 MODES = ("paraphrase", "qa")
+SYNTHESIS_BACKENDS = ("none", "local", "openai")
 SYSTEM = "You rewrite computer-science interview questions. Reply with the requested text only."
 # Small instruct models answer a question put to them instead of rewording it; one worked
 # example turn is what makes SmolLM2-135M produce a question.
@@ -39,6 +43,47 @@ QUESTION_START = re.compile(
     re.IGNORECASE,
 )
 LEADING_LABEL = re.compile(r"^\s*(rewritten question|new question|question|q)\s*[:.\-]\s*", re.I)
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    """`dataset.synthesis`: the generator, its sampling, and the validation bounds."""
+
+    backend: str
+    mode: str
+    per_seed: int
+    model: str
+    base_url: str | None
+    api_key_env: str | None
+    temperature: float
+    max_new_tokens: int
+    batch_size: int
+    seed: int
+    min_chars: int
+    max_chars: int
+    min_topic_similarity: float
+    max_seed_similarity: float
+
+    @classmethod
+    def from_cfg(cls, node: Any) -> SynthesisOptions:
+        """Read `dataset.synthesis`; the backend (and, when used, the mode) fail fast."""
+        backend = require_choice("dataset.synthesis.backend", node.backend, SYNTHESIS_BACKENDS)
+        return cls(
+            backend=backend,
+            mode=node.mode if backend == "none" else check_mode(node.mode),
+            per_seed=int(node.per_seed),
+            model=node.model,
+            base_url=node.base_url,
+            api_key_env=node.api_key_env,
+            temperature=float(node.temperature),
+            max_new_tokens=int(node.max_new_tokens),
+            batch_size=int(node.batch_size),
+            seed=int(node.seed),
+            min_chars=int(node.min_chars),
+            max_chars=int(node.max_chars),
+            min_topic_similarity=float(node.min_topic_similarity),
+            max_seed_similarity=float(node.max_seed_similarity),
+        )
 
 
 @dataclass(frozen=True)
@@ -155,3 +200,107 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise QaLabError(f"dataset.synthesis.mode={mode!r} is not one of: {', '.join(MODES)}")
     return mode
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def synthesize(
+    opts: SynthesisOptions,
+    seeds: Sequence[QAItem],
+    embed: Callable[[Sequence[str]], np.ndarray],
+    *,
+    cache_dir: str | Path,
+    models_dir: str | Path,
+) -> tuple[list[QAItem], Counter[str]]:
+    """Grow the seeds with the configured generator; returns valid rows and reject counts.
+
+    Answers go through the per-item answer cache (`<cache_dir>/answers.sqlite`), so a rerun
+    or a killed build regenerates nothing it already has.
+    """
+    from qa_lab.cache import ItemCache
+    from qa_lab.generation import generate_cached
+
+    params = _gen_params(opts)
+    jobs = [(seed, j) for seed in seeds for j in range(opts.per_seed)]
+    messages = [messages_for(seed, opts.mode) for seed, _ in jobs]
+    prompt_texts, model_key, make = _backend(opts, params, messages, jobs, models_dir)
+    outputs = generate_cached(
+        [f"{seed.id}#{j}" for seed, j in jobs],
+        prompt_texts,
+        params,
+        make,
+        ItemCache(Path(cache_dir) / "answers.sqlite"),
+        model_key,
+        salts=[str(j) for _, j in jobs],
+    )
+    candidates = [parse(seed, out.prediction, opts.mode) for (seed, _), out in zip(jobs, outputs)]
+    kept, rejects = validate(
+        candidates,
+        embed([c.question or "-" for c in candidates]),
+        embed([s.question for s, _ in jobs]),
+        min_chars=opts.min_chars,
+        max_chars=opts.max_chars,
+        min_topic_similarity=opts.min_topic_similarity,
+        max_seed_similarity=opts.max_seed_similarity,
+    )
+    print(f"synthesis: {len(kept)}/{len(candidates)} candidates kept, rejects {dict(rejects)}")
+    return to_items(candidates, kept, opts.model), rejects
+
+
+def _gen_params(opts: SynthesisOptions) -> Any:
+    from qa_lab.generation import GenParams
+
+    return GenParams(
+        max_new_tokens=opts.max_new_tokens,
+        do_sample=True,
+        temperature=opts.temperature,
+        # a paraphrase is one line: stopping there saves most of the generation time
+        stop_strings=("\n",) if opts.mode == "paraphrase" else (),
+        seed=opts.seed,
+    )
+
+
+def _backend(
+    opts: SynthesisOptions,
+    params: Any,
+    messages: Sequence[list[dict[str, str]]],
+    jobs: Sequence[tuple[QAItem, int]],
+    models_dir: str | Path,
+) -> tuple[list[str], str, Callable[[], Any]]:
+    """The cached prompt texts, the model key and a (lazy) generator for the backend."""
+    if opts.backend == "openai":
+        from qa_lab.openai_client import OpenAIGenerator, chat_request
+
+        # one seed per sample: the server would otherwise return one answer per seed row
+        texts = [chat_request(m, params.seed + j) for m, (_, j) in zip(messages, jobs)]
+        node = {"base_url": opts.base_url, "api_key_env": opts.api_key_env}
+        return (
+            texts,
+            f"openai:{opts.model}",
+            lambda: OpenAIGenerator.from_cfg(node, "dataset.synthesis", params, opts.model),
+        )
+    from omegaconf import DictConfig
+
+    from qa_lab import models, prompts
+    from qa_lab.local_engine import LocalGenerator
+
+    # the generator's own settings, not the study's `llm` group: float32, no 4-bit
+    llm_cfg = DictConfig(
+        {
+            "name": opts.model,
+            "revision": None,
+            "dtype": "float32",
+            "device": "auto",
+            "load_in_4bit": False,
+        }
+    )
+    tokenizer = models.load_tokenizer(llm_cfg, models_dir)
+
+    def make() -> Any:
+        return LocalGenerator(
+            models.load_llm(llm_cfg, models_dir), tokenizer, params, opts.batch_size
+        )
+
+    model_key = keys.local_model_key(opts.model, device=models.pick_device("auto"), merged=None)
+    return [prompts.render_prompt(tokenizer, m) for m in messages], model_key, make

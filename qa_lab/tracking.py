@@ -1,9 +1,9 @@
 """MLflow: store URI, experiments, runs and nesting, params/tags/metrics/tables/artifacts.
 
-The only module that imports mlflow. Sweeps get one parent run (created by the Hydra callback
-before any job starts); its id reaches every job through a file in the sweep folder, read here
-and passed explicitly as `parent_run_id` — never through MLFLOW_RUN_ID, which silently takes
-precedence over it.
+With `traces` (per-item traces), the only module that imports mlflow. Sweeps get one parent
+run (created by the Hydra callback before any job starts); its id reaches every job through a
+file in the sweep folder, read here and passed explicitly as `parent_run_id` — never through
+MLFLOW_RUN_ID, which silently takes precedence over it.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from qa_lab import __version__
-from qa_lab.config import PROJECT_ROOT, flatten, redact
+from qa_lab.config import flatten, redact
 from qa_lab.errors import QaLabError
+from qa_lab.provenance import git_state, library_versions
 
 PARENT_FILE = "mlflow_parent_run.json"
+FAILURE_TAG = "failure"  # qa_lab.failure: why a FAILED run failed, in one line
+JOB_TAG = "slurm_job"  # qa_lab.slurm_job: the SLURM job (array task) that ran the run
 PARAM_VALUE_LIMIT = 500
 TAG_PREFIX = "qa_lab."
 # tracking.retry keys -> the MLflow client's environment variables (read per request)
@@ -93,11 +94,30 @@ def check_server(tracking_cfg: Any) -> None:
             )
         os.environ[RETRY_ENV[name]] = str(value)
     uri = str(tracking_cfg.uri)
-    if not server_answers(uri):
+    if not server_answers(uri) and not _comes_back(uri, tracking_cfg.get("retry") or {}):
         raise QaLabError(
             f"tracking.uri={uri}: tracking server unreachable; start it with `make server` "
             "or point MLFLOW_TRACKING_URI at a running one"
         )
+
+
+def _comes_back(uri: str, retry: Any) -> bool:
+    """In a sweep job, wait for a restarting server as long as MLflow's own retries would.
+
+    The sweep found the server up when it started, so a job that finds it down (a restart
+    while jobs run) waits 2, 4, 8, ... s (tracking.retry; capped at 120 s, about 4 minutes by
+    default) instead of failing; a script started by hand still fails at once.
+    """
+    import time
+
+    if current_parent_run_id() is None:
+        return False
+    factor, retries = int(retry.get("backoff_factor", 2)), int(retry.get("max_retries", 7))
+    for attempt in range(retries):
+        time.sleep(min(120, factor * 2**attempt))
+        if server_answers(uri):
+            return True
+    return False
 
 
 def server_answers(uri: str, timeout_s: float = 5.0) -> bool:
@@ -116,41 +136,6 @@ def _artifact_uri(tracking_cfg: Any) -> str | None:
     if not location:
         return None
     return Path(location).resolve().as_uri()
-
-
-def git_state() -> dict[str, str]:
-    """Commit and dirty flag of the project checkout ("unknown" outside git)."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return {"git_sha": sha, "git_dirty": str(bool(dirty)).lower()}
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_sha": "unknown", "git_dirty": "unknown"}
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour changes results."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"qa_lab": __version__}
-    for package in ("torch", "transformers", "peft", "trl", "sentence-transformers", "mlflow"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "absent"
-    return out
 
 
 def sweep_parent_file(sweep_dir: str | Path) -> Path:
@@ -187,11 +172,23 @@ def create_parent_run(tracking_cfg: Any, name: str, tags: Mapping[str, str]) -> 
     return run.info.run_id
 
 
-def end_run_by_id(run_id: str, status: str = "FINISHED") -> None:
-    """Close a run that is not the active one (the sweep parent)."""
+def end_run_by_id(
+    run_id: str, status: str = "FINISHED", tags: Mapping[str, str] | None = None
+) -> None:
+    """Close a run that is not the active one (the sweep parent), with qa_lab. tags if given."""
     import mlflow
 
-    mlflow.MlflowClient().set_terminated(run_id, status=status)
+    client = mlflow.MlflowClient()
+    for name, value in (tags or {}).items():
+        client.set_tag(run_id, f"{TAG_PREFIX}{name}", str(value)[:PARAM_VALUE_LIMIT])
+    client.set_terminated(run_id, status=status)
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark a closed run RUNNING again (a resumed sweep's parent, until its rerun ends)."""
+    import mlflow
+
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")
 
 
 @contextlib.contextmanager
@@ -226,6 +223,8 @@ def start_run(
     }
     if variant:
         all_tags[f"{TAG_PREFIX}variant"] = variant
+    if cluster_job_id():
+        all_tags[f"{TAG_PREFIX}{JOB_TAG}"] = cluster_job_id()
     resolved = redact(to_dict(cfg)) if log_config else {}
     run = mlflow.start_run(
         experiment_id=experiment_id,
@@ -240,7 +239,7 @@ def start_run(
             mlflow.log_dict(resolved, "config/config.json")
             _log_hydra_files()
         yield run.info.run_id
-    except BaseException:
+    except BaseException as err:
         if is_server(cfg.tracking) and not server_answers(str(cfg.tracking.uri)):
             # no second round of retries: MLflow's exit hook would end the run over HTTP
             os.environ[RETRY_ENV["max_retries"]] = "0"
@@ -251,10 +250,47 @@ def start_run(
                 "once the server is back"
             ) from None
         _log_hydra_log()
+        mlflow.set_tag(f"{TAG_PREFIX}{FAILURE_TAG}", failure_reason(err))
         mlflow.end_run(status="FAILED")
         raise
     _log_hydra_log()
     mlflow.end_run()
+
+
+def cluster_job_id() -> str | None:
+    """This process's SLURM job as squeue names it (`<array>_<task>` in an array), else None."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for the failure tag: the exception's type and first line."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}"[:PARAM_VALUE_LIMIT]
+
+
+def fail_abandoned_runs(parent_run_id: str, job_id: str, reason: str) -> list[str]:
+    """End as FAILED, with the reason in a tag, the runs a killed cluster job left RUNNING.
+
+    A job that SLURM cancels or kills at its time limit gets SIGKILL after KillWait (submitit
+    ignores the SIGTERM before it), so its own `start_run` never closes its run; the sweep
+    closes it from the job's state once the job is gone.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+            f"tags.`{TAG_PREFIX}{JOB_TAG}` = '{job_id}' and attributes.status = 'RUNNING'"
+        ),
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, f"{TAG_PREFIX}{FAILURE_TAG}", reason[:PARAM_VALUE_LIMIT])
+        client.set_terminated(run.info.run_id, status="FAILED")
+    return [r.info.run_id for r in runs]
 
 
 def _log_params(resolved: dict[str, Any]) -> None:
@@ -463,210 +499,3 @@ def ui_command(tracking_cfg: Any) -> str:
     if uri.startswith("http"):
         return f"open {uri}"
     return "make ui   # then open http://127.0.0.1:5000"
-
-
-# --------------------------------------------------------------------------- item traces
-
-# Root span inputs: exactly these keys, identical for every config on one split, so MLflow's
-# "compare to" pairs two runs item by item.
-TRACE_INPUT_KEYS = ("item_id", "question")
-TRACE_TAG_KEYS = ("variant", "topic", "difficulty", "seed_id")
-EXPECTED_RESPONSE = "expected_response"
-
-
-@contextlib.contextmanager
-def _active_span(span: Any) -> Iterator[None]:
-    """Make a span started without context the active one, so assessments stay in memory.
-
-    `mlflow.log_assessment` on the active trace appends to the in-memory trace, which is then
-    written with the trace in one transaction. Logging them after the export instead costs one
-    SQLite transaction each (about 4x slower in total) and needs a flush first.
-    """
-    from mlflow.tracing.provider import detach_span_from_context, set_span_in_context
-
-    token = set_span_in_context(span)
-    try:
-        yield
-    finally:
-        detach_span_from_context(token)
-
-
-def _documents(passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Retrieved passages as MLflow `Document`s (the UI renders them as a document list).
-
-    `doc_uri` and `id` are the source row's item id in the train split, `similarity` the
-    retriever's score.
-    """
-    from mlflow.entities import Document
-
-    return [
-        Document(
-            page_content="\n".join(str(p[k]) for k in ("question", "answer") if p.get(k)),
-            metadata={"doc_uri": str(p.get("item_id")), "similarity": p.get("score")},
-            id=str(p.get("item_id")),
-        ).to_dict()
-        for p in passages
-    ]
-
-
-def _token_usage(row: Mapping[str, Any]) -> dict[str, int]:
-    """MLflow's standard token-usage attribute (feeds the Overview's token charts)."""
-    if row.get("prompt_tokens") is None or row.get("generated_tokens") is None:
-        return {}
-    prompt, generated = int(row["prompt_tokens"]), int(row["generated_tokens"])
-    return {
-        "mlflow.chat.tokenUsage": {
-            "input_tokens": prompt,
-            "output_tokens": generated,
-            "total_tokens": prompt + generated,
-        }
-    }
-
-
-def _child_span(
-    root: Any,
-    kind: tuple[str, str],
-    inputs: Any,
-    outputs: Any,
-    times_ns: tuple[int, int],
-    attributes: dict[str, Any] | None = None,
-) -> None:
-    """A finished child span (name, span type) under the item's root span."""
-    import mlflow
-
-    name, span_type = kind
-    span = mlflow.start_span_no_context(
-        name,
-        span_type=span_type,
-        parent_span=root,
-        inputs=inputs,
-        attributes=attributes,
-        start_time_ns=times_ns[0],
-    )
-    span.end(outputs=outputs, end_time_ns=times_ns[1])
-
-
-def _publish_item(
-    row: Mapping[str, Any],
-    scores: Mapping[str, float],
-    *,
-    experiment_id: str,
-    tags: Mapping[str, str],
-    model: str,
-    sources: tuple[Any, Any],
-) -> None:
-    """One trace: root {item_id, question} -> answer, retriever and LLM children, assessments.
-
-    Answers are generated in batches; the LLM span lasts the item's share of its batch
-    (`seconds`), the retriever span has no timing of its own (retrieval is batched too).
-    """
-    import math
-    import time
-
-    import mlflow
-    from mlflow.entities import Expectation, Feedback, SpanType
-
-    expectation_source, feedback_source = sources
-    start = time.time_ns()
-    end = start + int(float(row.get("seconds") or 0.0) * 1e9)
-    answer = row["prediction"]
-    root = mlflow.start_span_no_context(
-        "qa_item",
-        span_type=SpanType.CHAIN,
-        inputs={k: str(row[k]) for k in TRACE_INPUT_KEYS},
-        experiment_id=experiment_id,
-        start_time_ns=start,
-        tags=dict(tags),
-    )
-    if row.get("retrieved"):
-        _child_span(
-            root,
-            ("retrieve", SpanType.RETRIEVER),
-            {"query": row["question"]},
-            _documents(row["retrieved"]),
-            (start, start),
-        )
-    if row.get("messages"):
-        _child_span(
-            root,
-            ("generate", SpanType.LLM),
-            {"messages": row["messages"]},
-            answer,
-            # 1 µs after retrieval, so the UI lists the spans in the order they ran
-            (start + 1000, end + 1000),
-            attributes={
-                "mlflow.llm.model": model,
-                **_token_usage(row),
-                "stop_reason": row.get("stop_reason"),
-                "cached": bool(row.get("cached", False)),
-            },
-        )
-    with _active_span(root):
-        mlflow.log_assessment(
-            root.trace_id,
-            Expectation(
-                EXPECTED_RESPONSE, row["reference"], source=expectation_source, span_id=root.span_id
-            ),
-        )
-        for name, value in scores.items():
-            if value is not None and math.isfinite(float(value)):
-                mlflow.log_assessment(
-                    root.trace_id,
-                    Feedback(name, float(value), source=feedback_source, span_id=root.span_id),
-                )
-    root.end(outputs=answer, end_time_ns=end + 1000)
-
-
-def publish_item_traces(
-    rows: list[dict[str, Any]],
-    per_item: list[dict[str, float]],
-    *,
-    model: str,
-    metrics_version: int,
-) -> int:
-    """One trace per evaluated item on the active run, for MLflow's evaluation view.
-
-    Each row needs item_id, question, prediction and reference; `retrieved` passages and chat
-    `messages` (with token counts and stop reason) add a retriever and an LLM span. Every
-    finite per-item score becomes a CODE feedback named after its metric; NaN scores (a
-    metric that does not apply to the item) are left out, not faked. Returns how many traces
-    reached the store.
-    """
-    import time
-
-    import mlflow
-    from mlflow.entities import AssessmentSource
-
-    run = mlflow.active_run()
-    started = time.perf_counter()
-    variant = run.data.tags.get(f"{TAG_PREFIX}variant", "")
-    sources = (
-        AssessmentSource(source_type="HUMAN", source_id="qa-lab dataset"),
-        AssessmentSource(source_type="CODE", source_id=f"qa-lab metrics v{metrics_version}"),
-    )
-    for row, scores in zip(rows, per_item):
-        tags = {"variant": variant, **{k: row.get(k) for k in TRACE_TAG_KEYS[1:]}}
-        _publish_item(
-            row,
-            scores,
-            experiment_id=run.info.experiment_id,
-            tags={k: str(v) for k, v in tags.items() if v},
-            model=model,
-            sources=sources,
-        )
-    mlflow.flush_trace_async_logging()
-    traces = mlflow.search_traces(
-        locations=[run.info.experiment_id], run_id=run.info.run_id, return_type="list"
-    )
-    spans = sum(len(t.data.spans) for t in traces)
-    expected = sum(1 + bool(r.get("retrieved")) + bool(r.get("messages")) for r in rows)
-    seconds = time.perf_counter() - started
-    log_metrics({"traces_published": len(traces), "trace_publish_s": seconds})
-    print(f"traces: {len(traces)} items, {spans} spans published in {seconds:.1f} s", flush=True)
-    if (len(traces), spans) != (len(rows), expected):
-        raise QaLabError(
-            f"tracking.uri={mlflow.get_tracking_uri()}: {len(traces)}/{len(rows)} item traces "
-            f"and {spans}/{expected} spans arrived (metrics and artifacts are logged; "
-            "tracking.traces=false skips traces)"
-        )
-    return len(traces)

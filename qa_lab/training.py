@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qa_lab.errors import QaLabError
+from qa_lab.models import release
 from qa_lab.prompts import fit_template
 
 MetricsFn = Callable[[dict[str, float], int], None]
@@ -381,6 +382,13 @@ def build_trainer(
 
 
 def _param_counts(model: Any) -> tuple[int, int]:
+    """Trainable and total parameters, counted by PEFT where it wraps the model.
+
+    A bitsandbytes 4-bit weight is stored two values per byte, so `numel()` sees half of it;
+    PEFT's count unpacks it (a 7B base would otherwise report ~3.8B).
+    """
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
@@ -482,14 +490,7 @@ def train_lora(
         out_dir=out_dir,
         log_metrics=log_metrics,
     )
-    return run_training(trainer, out_dir)
-
-
-def merge_adapter(peft_model: Any) -> Any:
-    """Fold the LoRA weights into the base weights and return the plain model.
-
-    Generation is then as fast as the base model's, at the cost of a full-size copy on disk if
-    saved. The PEFT wrapper is consumed: use the returned model afterwards. On a 4-bit base the
-    merged weights are rounded back to 4 bits (lossy): keep the adapter separate there.
-    """
-    return peft_model.merge_and_unload()
+    summary = run_training(trainer, out_dir)
+    del trainer  # its optimizer state and the PEFT wrapper: GPU memory the next sweep job needs
+    release()
+    return summary

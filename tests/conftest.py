@@ -14,6 +14,19 @@ SHARED_REFERENCE = PROJECT_ROOT.parent / "shared" / "reference" / "rag-technical
 # Materialised embedded models are shared across test sessions (the same folder `make run`
 # uses): materialising SmolLM2 from its GGUF takes ~40 s and the result is keyed by version.
 MODELS_DIR = PROJECT_ROOT / ".cache" / "models"
+SEEDS = PROJECT_ROOT / "data" / "seed" / "cs_interview.jsonl"
+# The tiny end-to-end run the slow tests share: no synthesis, 6 test items, short answers,
+# a one-epoch adapter on 16 rows. Tests append their own deltas (the last
+# value of a key wins in Hydra's override list).
+TINY_RUN = [
+    "dataset.synthesis.backend=none",
+    "eval.limit=6",
+    "eval.train_sample=0",
+    "generation.max_new_tokens=24",
+    "metrics.bootstrap.resamples=200",
+    "++model.max_train_rows=16",
+    "++model.epochs=1",
+]
 
 
 def compose_cfg(name: str, overrides: list[str] | None = None) -> DictConfig:
@@ -30,6 +43,20 @@ def store(tmp_path: Path) -> list[str]:
         f"paths.models={MODELS_DIR}",
         f"paths.mlruns={tmp_path / 'mlruns'}",
     ]
+
+
+def write_small_source(path: Path) -> Path:
+    """Every fifth shipped seed row, 50 in all: five topics, distinct questions, no synthesis."""
+    from qa_lab.jsonl import read_jsonl, write_jsonl
+
+    write_jsonl(path, [r for i, r in enumerate(read_jsonl(SEEDS)) if i % 5 == 0][:50])
+    return path
+
+
+@pytest.fixture
+def small_source(tmp_path: Path) -> Path:
+    """A 50-row slice of the shipped seeds as a dataset source file."""
+    return write_small_source(tmp_path / "small.jsonl")
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,32 @@ def test_secrets_are_redacted_but_env_names_kept():
         "synthesis": {"api_key": "***", "api_key_env": "OPENAI_API_KEY"},
         "hf_token": "***",
     }
+
+
+@pytest.mark.parametrize("launcher", ["submitit_slurm_cluster", "submitit_slurm_local"])
+def test_slurm_launchers_compose_to_the_resumable_launcher(launcher: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+    conf = cfg.hydra.launcher
+    # the class Hydra instantiates: qa-lab's, importable, and still the plugin's SLURM launcher
+    # (by name: Hydra's plugin scan re-executes plugin modules, so class objects can differ)
+    plugin = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert plugin in {f"{c.__module__}.{c.__qualname__}" for c in get_class(conf._target_).mro()}
+    assert conf._target_ == "hydra_plugins.qa_lab_launcher.ResumableSlurmLauncher"
+    assert conf.submitit_folder.endswith("/.submitit/%j")  # job logs in the sweep folder
+    assert conf.max_num_timeout == 0 and conf.setup == ["export HF_HUB_OFFLINE=1"]
+    local = launcher == "submitit_slurm_local"
+    assert (conf.gpus_per_node, conf.cpus_per_task) == ((None, 1) if local else (1, 8))
+
+
+@pytest.mark.parametrize("option", _options("llm"))
+def test_llm_options_take_the_server_keys_from_one_file(option: str):
+    shared = OmegaConf.load(CONF / "llm_server" / "openai.yaml")
+    own = OmegaConf.load(CONF / "llm" / f"{option}.yaml")
+    llm = compose_cfg("evaluate", [f"llm={option}"]).llm
+    assert set(shared) <= set(llm)
+    # an option restates only what differs for it (mistral: a larger concurrency)
+    assert all(own[k] != shared[k] for k in set(own) & set(shared))

@@ -2,18 +2,16 @@ from pathlib import Path
 
 import pytest
 
-from qa_lab import prompts
+from qa_lab import keys, prompts
 from qa_lab.cache import ItemCache
 from qa_lab.errors import QaLabError
-from qa_lab.generation import (
-    GenParams,
+from qa_lab.generation import GenParams, cut_at_stop, generate_cached, request_key
+from qa_lab.local_engine import (
+    PREFILL_SLACK,
     LocalGenerator,
-    _length_chunks,
     _Running,
-    _shared_prefix,
-    cut_at_stop,
-    generate_cached,
-    request_key,
+    length_chunks,
+    shared_prefix,
 )
 
 QUESTIONS = [
@@ -109,20 +107,20 @@ def test_batch_tokens_caps_rows_by_prompt_length(base_model, tokenizer):
 
 
 def test_shared_prefix_leaves_every_row_a_token_of_its_own():
-    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert _shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the whole first row is shared
-    assert _shared_prefix([[7], [7, 8]]) == 0
-    assert _shared_prefix([[1, 2], [3, 4]]) == 0
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the whole first row is shared
+    assert shared_prefix([[7], [7, 8]]) == 0
+    assert shared_prefix([[1, 2], [3, 4]]) == 0
 
 
 def test_length_chunks_keep_padding_within_slack():
     lengths = [16] * 20 + [17] * 20 + [18] * 5 + [40]
-    chunks = _length_chunks(lengths, slack=32)
+    chunks = length_chunks(lengths, slack=PREFILL_SLACK["cpu"])
     assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
     for chunk in chunks:
         assert sum(max(lengths[i] for i in chunk) - lengths[i] for i in chunk) <= 32
     assert len(chunks) == 3  # 16s+17s (20 padded tokens), the 18s, the 40 alone
-    assert _length_chunks([5, 5, 5], slack=0) == [[0, 1, 2]]
+    assert length_chunks([5, 5, 5], slack=0) == [[0, 1, 2]]
 
 
 def test_finished_rows_leave_the_batch_with_generates_answers(base_model, tokenizer):
@@ -133,7 +131,7 @@ def test_finished_rows_leave_the_batch_with_generates_answers(base_model, tokeni
     texts = _prompts(tokenizer, QUESTIONS[:3] + SHORT)
     gen = LocalGenerator(base_model, tokenizer, params, batch_size=len(texts))
     # the chat header and system prompt are computed once for the batch
-    assert _shared_prefix(tokenizer(texts, add_special_tokens=False)["input_ids"]) >= 10
+    assert shared_prefix(tokenizer(texts, add_special_tokens=False)["input_ids"]) >= 10
     ours = gen.generate_batch(texts)
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
@@ -193,3 +191,19 @@ def test_cache_resumes_and_warm_rerun_generates_nothing(base_model, tokenizer, t
         on_batch=other_model.append,
     )
     assert other_model == [1]  # the model is part of the key
+
+
+def test_local_model_key_adds_fields_only_off_the_cpu_default():
+    """CPU keys stay as they were (the default study's cache stays valid)."""
+    base = keys.model_id({"name": "SmolLM2-135M-Instruct", "dtype": "float32"})
+    assert base == "SmolLM2-135M-Instruct:float32"  # the key the default study was cached under
+    assert keys.local_model_key(base, device="cpu", merged=None) == base
+    assert keys.local_model_key("lora:abc", device="cpu", merged=True) == "lora:abc"
+    assert keys.local_model_key("lora:abc", device="cuda:1", merged=True) == "lora:abc:cuda"
+    assert keys.local_model_key("lora:abc", device="cuda", merged=False) == "lora:abc:cuda:unmerged"
+
+
+def test_prefill_chunks_allow_more_padding_on_cuda():
+    lengths = [10] * 8 + [30] * 8
+    assert len(length_chunks(lengths, PREFILL_SLACK["cpu"])) == 2
+    assert len(length_chunks(lengths, PREFILL_SLACK["cuda"])) == 1

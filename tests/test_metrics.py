@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from qa_lab import metrics
+from qa_lab import diagnostics, lexical, metrics, semantic
 from qa_lab.errors import QaLabError
+from qa_lab.records import EvalRow
 from qa_lab.stats import bootstrap_corpus_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,16 @@ def metrics_cfg(preset: str = "default", **overrides) -> dict:
     return OmegaConf.to_container(OmegaConf.merge(cfg, overrides))
 
 
+# The `embedder` group's model: the retrieval group embeds retrieved answers with it.
+EMBEDDER = OmegaConf.load(REPO_ROOT / "conf" / "embedder" / "all_minilm_l6_v2.yaml").name
+
+
+def score(rows: list[dict], cfg: dict) -> metrics.ScoreResult:
+    """score_items on plain rows, read the way a predictions file is (one error per bad row)."""
+    records = [EvalRow.from_dict(r, where=f"item {i}") for i, r in enumerate(rows)]
+    return metrics.score_items(records, metrics.MetricsOptions.from_cfg(cfg), embedder=EMBEDDER)
+
+
 def predictions(variant: str) -> list[dict]:
     path = REFERENCE / "predictions" / f"{variant}.jsonl"
     if not path.is_file():
@@ -43,28 +54,28 @@ def predictions(variant: str) -> list[dict]:
 
 
 def test_squad_normalisation_and_exact_match():
-    assert metrics.normalize_answer("The  Cat, sat!") == "cat sat"
-    assert metrics.normalize_answer("An apple a day") == "apple day"
-    assert metrics.exact_match("The cat.", "cat", "squad") == 1.0
-    assert metrics.exact_match("The cat.", "cat", "strip_lower") == 0.0
-    assert metrics.exact_match("  The Cat. ", "the cat.", "strip_lower") == 1.0
-    assert metrics.exact_match("dog", "cat", "squad") == 0.0
+    assert lexical.normalize_answer("The  Cat, sat!") == "cat sat"
+    assert lexical.normalize_answer("An apple a day") == "apple day"
+    assert lexical.exact_match("The cat.", "cat", "squad") == 1.0
+    assert lexical.exact_match("The cat.", "cat", "strip_lower") == 0.0
+    assert lexical.exact_match("  The Cat. ", "the cat.", "strip_lower") == 1.0
+    assert lexical.exact_match("dog", "cat", "squad") == 0.0
     with pytest.raises(QaLabError, match="metrics.exact_match"):
-        metrics.exact_match("a", "a", "fuzzy")
+        lexical.exact_match("a", "a", "fuzzy")
 
 
 def test_token_f1_by_hand():
     # pred -> [cat, sat]; ref -> [cat, sat, on, mat]: P = 1, R = 1/2, F1 = 2/3.
-    assert metrics.token_f1("the cat sat", "the cat sat on a mat") == pytest.approx(2 / 3)
-    assert metrics.token_f1("Paris", "paris.") == 1.0
-    assert metrics.token_f1("dog", "cat") == 0.0
-    assert metrics.token_f1("", "") == 0.0  # SQuAD v1.1: no overlap -> 0
+    assert lexical.token_f1("the cat sat", "the cat sat on a mat") == pytest.approx(2 / 3)
+    assert lexical.token_f1("Paris", "paris.") == 1.0
+    assert lexical.token_f1("dog", "cat") == 0.0
+    assert lexical.token_f1("", "") == 0.0  # SQuAD v1.1: no overlap -> 0
 
 
 def test_rouge_l_by_hand():
     # LCS("the cat sat on the mat", "the cat on the mat sat") = "the cat on the mat" = 5 of 6.
     # LCS("the cat sat", "cat the") = 1: P = 1/2, R = 1/3, F = 2PR/(P+R) = 0.4.
-    scores = metrics.rouge_l_f1(
+    scores = lexical.rouge_l_f1(
         ["the cat on the mat sat", "cat the"],
         ["the cat sat on the mat", "the cat sat"],
         stemmer=False,
@@ -73,20 +84,20 @@ def test_rouge_l_by_hand():
 
 
 def test_rouge_stemmer_switch():
-    assert metrics.rouge_l_f1(["running"], ["runs"], stemmer=True) == [1.0]
-    assert metrics.rouge_l_f1(["running"], ["runs"], stemmer=False) == [0.0]
+    assert lexical.rouge_l_f1(["running"], ["runs"], stemmer=True) == [1.0]
+    assert lexical.rouge_l_f1(["running"], ["runs"], stemmer=False) == [0.0]
 
 
 def test_corpus_bleu_by_hand():
     # 1-gram 5/6, 2-gram 3/5, 3-gram 2/4, 4-gram 1/3, equal lengths (BP = 1).
-    bleu = metrics.bleu_scores(["the cat sat on the mat"], ["the cat sat on a mat"])
+    bleu = lexical.bleu_scores(["the cat sat on the mat"], ["the cat sat on a mat"])
     assert bleu.corpus == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
     # A 4-token hypothesis inside a 6-token reference: precisions 1, BP = exp(1 - 6/4).
-    short = metrics.bleu_scores(["the cat sat on"], ["the cat sat on the mat"])
+    short = lexical.bleu_scores(["the cat sat on"], ["the cat sat on the mat"])
     assert short.corpus == pytest.approx(math.exp(1 - 6 / 4))
     # Longer hypothesis: BP = 1 (HF evaluate and sacrebleu agree here).
     refs = ["the cat sat on the mat", "a dog lay on a log today"]
-    same = metrics.bleu_scores(refs, refs)
+    same = lexical.bleu_scores(refs, refs)
     assert same.corpus == pytest.approx(1.0)
     assert same.sentence == pytest.approx([1.0, 1.0])
     assert same.signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:none")
@@ -96,27 +107,27 @@ def test_bleu_stats_rebuild_corpus_bleu():
     preds = ["the cat sat on the mat", "a quick brown fox", "nothing in common here at all"]
     refs = ["the cat sat on a mat", "the quick brown fox jumps", "totally different words used"]
     for smooth in ("none", "exp"):
-        bleu = metrics.bleu_scores(preds, refs, smooth=smooth)
-        assert metrics.corpus_bleu_from_stats(bleu.stats, smooth=smooth) == pytest.approx(
+        bleu = lexical.bleu_scores(preds, refs, smooth=smooth)
+        assert lexical.corpus_bleu_from_stats(bleu.stats, smooth=smooth) == pytest.approx(
             bleu.corpus
         )
-        first = metrics.corpus_bleu_from_stats(bleu.stats[:1], smooth=smooth)
+        first = lexical.corpus_bleu_from_stats(bleu.stats[:1], smooth=smooth)
         assert first == pytest.approx(
-            metrics.bleu_scores(preds[:1], refs[:1], smooth=smooth).corpus
+            lexical.bleu_scores(preds[:1], refs[:1], smooth=smooth).corpus
         )
 
 
 def test_bleu_matches_hf_tokenizer_on_segment_final_hyphen():
     # HF's Tokenizer13a deletes "-\n" before sacrebleu would rstrip it away from the hyphen.
     ref = "the cat sat on the mat"
-    assert metrics.bleu_scores([ref + "-\n"], [ref]).corpus == pytest.approx(1.0)
+    assert lexical.bleu_scores([ref + "-\n"], [ref]).corpus == pytest.approx(1.0)
 
 
 def test_bleu_config_is_validated():
     with pytest.raises(QaLabError, match="metrics.bleu_smooth"):
-        metrics.bleu_scores(["a"], ["a"], smooth="laplace")
+        lexical.bleu_scores(["a"], ["a"], smooth="laplace")
     with pytest.raises(QaLabError, match="metrics.bleu_tokenize"):
-        metrics.bleu_scores(["a"], ["a"], tokenize="moses")
+        lexical.bleu_scores(["a"], ["a"], tokenize="moses")
 
 
 # ---------------------------------------------------------------- diagnostics
@@ -140,28 +151,28 @@ def test_bleu_config_is_validated():
     ],
 )
 def test_runaway_patterns(text, expected):
-    assert metrics.is_runaway(text) == expected
+    assert diagnostics.is_runaway(text) == expected
 
 
 def test_runaway_on_original_finetuned_predictions():
     rows = predictions("finetuned")
-    flags = [metrics.is_runaway(r["prediction"]) for r in rows]
+    flags = [diagnostics.is_runaway(r["prediction"]) for r in rows]
     continued = [i for i, r in enumerate(rows) if "\n\nQuestion:" in r["prediction"]]
     assert len(continued) >= 40  # the file is full of invented follow-up questions
     assert all(flags[i] == 1.0 for i in continued)
-    vanilla = [metrics.is_runaway(r["prediction"]) for r in predictions("vanilla")]
+    vanilla = [diagnostics.is_runaway(r["prediction"]) for r in predictions("vanilla")]
     assert sum(vanilla) == 0  # prose answers with "1. Consistency:" lists are not runaways
 
 
 def test_other_diagnostics():
-    assert metrics.is_empty("  \n ") == 1.0 and metrics.is_empty(" x ") == 0.0
-    assert metrics.is_truncated("length") == 1.0
-    assert metrics.is_truncated("eos", 64, 64) == 0.0  # the recorded reason wins
-    assert metrics.is_truncated(None, 64, 64) == 1.0
-    assert metrics.is_truncated(None, 10, 64) == 0.0
-    assert math.isnan(metrics.is_truncated())
-    assert metrics.length_ratio("one two three four", "one two") == 2.0
-    assert metrics.length_ratio("one", "") == 1.0
+    assert diagnostics.is_empty("  \n ") == 1.0 and diagnostics.is_empty(" x ") == 0.0
+    assert diagnostics.is_truncated("length") == 1.0
+    assert diagnostics.is_truncated("eos", 64, 64) == 0.0  # the recorded reason wins
+    assert diagnostics.is_truncated(None, 64, 64) == 1.0
+    assert diagnostics.is_truncated(None, 10, 64) == 0.0
+    assert math.isnan(diagnostics.is_truncated())
+    assert diagnostics.length_ratio("one two three four", "one two") == 2.0
+    assert diagnostics.length_ratio("one", "") == 1.0
     for text in (
         "I don't know.",
         "I DO NOT KNOW",
@@ -170,11 +181,11 @@ def test_other_diagnostics():
         "There is no information about it",
         "I don\u2019t know",
     ):
-        assert metrics.is_idk(text) == 1.0, text
+        assert diagnostics.is_idk(text) == 1.0, text
     for text in ("Make sure the key is known.", "Knowledge graphs store facts."):
-        assert metrics.is_idk(text) == 0.0, text
-    assert metrics.throughput(10, 500, 2.0) == {"answers_per_s": 5.0, "tokens_per_s": 250.0}
-    assert math.isnan(metrics.throughput(10, 500, 0.0)["answers_per_s"])
+        assert diagnostics.is_idk(text) == 0.0, text
+    assert diagnostics.throughput(10, 500, 2.0) == {"answers_per_s": 5.0, "tokens_per_s": 250.0}
+    assert math.isnan(diagnostics.throughput(10, 500, 0.0)["answers_per_s"])
 
 
 # ---------------------------------------------------------------- groups and score_items
@@ -182,7 +193,7 @@ def test_other_diagnostics():
 
 def test_unknown_metric_group_names_the_key():
     with pytest.raises(QaLabError, match=r"metrics\.groups='fluency'.*lexical, semantic"):
-        metrics.score_items(
+        score(
             [{"question": "q", "prediction": "a", "reference": "a"}],
             metrics_cfg(groups=["lexical", "fluency"]),
         )
@@ -191,11 +202,11 @@ def test_unknown_metric_group_names_the_key():
 
 def test_missing_row_field_and_config_key():
     with pytest.raises(QaLabError, match="item 0: missing 'reference'"):
-        metrics.score_items([{"question": "q", "prediction": "a"}], metrics_cfg())
+        score([{"question": "q", "prediction": "a"}], metrics_cfg())
     cfg = metrics_cfg(groups=["lexical"])
     del cfg["bleu_smooth"]
     with pytest.raises(QaLabError, match="metrics.bleu_smooth is missing"):
-        metrics.score_items([{"question": "q", "prediction": "a", "reference": "a"}], cfg)
+        score([{"question": "q", "prediction": "a", "reference": "a"}], cfg)
 
 
 def test_score_items_lexical_and_diagnostics():
@@ -229,8 +240,7 @@ def test_score_items_lexical_and_diagnostics():
             "max_new_tokens": 64,
         },
     ]
-    result = metrics.score_items(rows, metrics_cfg(groups=["lexical", "diagnostics"]))
-    assert result.ids == ["a", "b", "c"] and result.seed_ids == ["s1", "s1", "s2"]
+    result = score(rows, metrics_cfg(groups=["lexical", "diagnostics"]))
     assert result.per_item[0]["exact_match"] == 1.0 and result.per_item[0]["rougeL_f1"] == 1.0
     assert [r["runaway"] for r in result.per_item] == [0.0, 1.0, 0.0]
     assert [r["truncated"] for r in result.per_item] == [0.0, 1.0, 0.0]
@@ -256,13 +266,14 @@ def test_score_items_lexical_and_diagnostics():
     assert result.column("empty").tolist() == [0.0, 0.0, 1.0]
     by_topic = result.topic_means()
     assert by_topic["os"]["n"] == 2 and by_topic["db"]["empty_rate"] == 1.0
-    ci = bootstrap_corpus_ci(3, result.corpus_bleu, clusters=result.seed_ids, resamples=50)
+    seeds = [r["seed_id"] for r in rows]
+    ci = bootstrap_corpus_ci(3, result.corpus_bleu, clusters=seeds, resamples=50)
     assert ci.method == "cluster_bootstrap" and ci.mean == pytest.approx(corpus["bleu"])
 
 
 def test_truncation_rate_absent_when_unknown():
     rows = [{"question": "q", "prediction": "x y", "reference": "x y z"}]
-    result = metrics.score_items(rows, metrics_cfg(groups=["diagnostics"]))
+    result = score(rows, metrics_cfg(groups=["diagnostics"]))
     assert math.isnan(result.per_item[0]["truncated"])
     assert "truncation_rate" not in result.corpus
 
@@ -285,7 +296,7 @@ def test_retrieval_scores():
             "retrieved": [],
         },
     ]
-    result = metrics.score_items(rows, metrics_cfg(groups=["retrieval"]))
+    result = score(rows, metrics_cfg(groups=["retrieval"]))
     first, second = result.per_item
     assert first["retrieval_top1_score"] == pytest.approx(0.7)
     assert first["retrieval_best_rougeL"] == pytest.approx(1.0)
@@ -293,7 +304,7 @@ def test_retrieval_scores():
     assert math.isnan(second["retrieval_best_cosine"])
     assert result.corpus["retrieval_best_rougeL"] == pytest.approx(1.0)
     # No retrieved passages anywhere (vanilla, LoRA): the group is skipped, not NaN-filled.
-    plain = metrics.score_items(
+    plain = score(
         [{k: v for k, v in rows[1].items() if k != "retrieved"}], metrics_cfg(groups=["retrieval"])
     )
     assert plain.per_item == [{}]
@@ -333,18 +344,18 @@ PARAPHRASES = [
 
 @pytest.fixture(scope="module")
 def bs_kwargs():
-    return {"model": "all-MiniLM-L6-v2", "num_layers": 6, "baseline_pairs": 200}
+    return {"model": "all-MiniLM-L6-v2", "num_layers": 6, "baseline_pairs": 200, "batch_size": 64}
 
 
 def test_bertscore_identical_unrelated_and_paraphrases(bs_kwargs):
-    same = metrics.bertscore(REFS, REFS, **bs_kwargs)
+    same = semantic.bertscore(REFS, REFS, **bs_kwargs)
     assert same.baseline_source == "computed" and same.num_layers == 6
     assert min(same.f1_raw) > 0.999
     assert min(same.f1) > 0.99
-    unrelated = metrics.bertscore(REFS[1:] + REFS[:1], REFS, **bs_kwargs)
+    unrelated = semantic.bertscore(REFS[1:] + REFS[:1], REFS, **bs_kwargs)
     assert unrelated.baseline == same.baseline  # same references: cached baseline
     assert abs(float(np.mean(unrelated.f1))) < 0.1  # rescaled: unrelated lands near 0
-    para = metrics.bertscore(PARAPHRASES, REFS, **bs_kwargs)
+    para = semantic.bertscore(PARAPHRASES, REFS, **bs_kwargs)
     base_f = same.baseline[2]
     assert 0.0 < base_f < min(para.f1_raw)
     assert float(np.mean(para.f1)) > 0.4
@@ -353,14 +364,14 @@ def test_bertscore_identical_unrelated_and_paraphrases(bs_kwargs):
 
 
 def test_bertscore_blank_candidate_scores_zero(bs_kwargs):
-    result = metrics.bertscore(["", PARAPHRASES[1]], REFS[:2], **bs_kwargs)
+    result = semantic.bertscore(["", PARAPHRASES[1]], REFS[:2], **bs_kwargs)
     assert result.f1_raw[0] == 0.0 and result.f1_raw[1] > 0.5
 
 
 def test_bertscore_in_score_items(bs_kwargs):
     rows = [{"question": "q", "prediction": p, "reference": r} for p, r in zip(PARAPHRASES, REFS)]
     cfg = metrics_cfg(groups=["semantic"], bertscore={"baseline_pairs": 200})
-    result = metrics.score_items(rows, cfg)
+    result = score(rows, cfg)
     corpus = result.corpus
     assert corpus["bertscore_model"] == "all-MiniLM-L6-v2"
     assert corpus["bertscore_num_layers"] == 6
@@ -370,8 +381,8 @@ def test_bertscore_in_score_items(bs_kwargs):
 
 
 def test_official_baseline_only_for_known_hub_models():
-    assert metrics.official_baseline_path("roberta-large") is not None
-    assert metrics.official_baseline_path("all-MiniLM-L6-v2") is None
+    assert semantic.official_baseline_path("roberta-large") is not None
+    assert semantic.official_baseline_path("all-MiniLM-L6-v2") is None
 
 
 # ---------------------------------------------------------------- the original study
@@ -380,7 +391,7 @@ def test_official_baseline_only_for_known_hub_models():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_original_preset_reproduces_logged_bleu_and_rouge(variant):
     rows = predictions(variant)
-    result = metrics.score_items(rows, metrics_cfg("original"))
+    result = score(rows, metrics_cfg("original"))
     logged_bleu, logged_rouge = LOGGED[variant]
     assert len(rows) == 272
     assert round(result.corpus["bleu"], 4) == logged_bleu
@@ -390,7 +401,7 @@ def test_original_preset_reproduces_logged_bleu_and_rouge(variant):
 
 
 def test_unfinished_flags_answers_cut_mid_sentence():
-    from qa_lab.metrics import is_unfinished
+    from qa_lab.diagnostics import is_unfinished
 
     assert is_unfinished("The new version is monitored closely for any signs of inst") == 1.0
     assert is_unfinished("A stack is LIFO.") == 0.0
@@ -414,33 +425,55 @@ def test_copy_rate_flags_answers_lifted_from_the_retrieved_passages():
             "retrieved": [passage],
         },
     ]
-    result = metrics.score_items(rows, metrics_cfg(groups=["retrieval"]))
+    result = score(rows, metrics_cfg(groups=["retrieval"]))
     copied, own = result.per_item
     assert copied["copy_rougeL"] == pytest.approx(1.0)
     assert copied["copied"] == 1.0
     assert own["copy_rougeL"] < 0.5
     assert own["copied"] == 0.0
     assert result.corpus["copy_rate"] == pytest.approx(0.5)
-    strict = metrics.score_items(rows, metrics_cfg(groups=["retrieval"], copy_threshold=1.01))
+    strict = score(rows, metrics_cfg(groups=["retrieval"], copy_threshold=1.01))
     assert strict.corpus["copy_rate"] == 0.0
 
 
 def test_several_references_use_the_best_or_all():
     preds = ["the cat sat on the mat", "a dog barked"]
     refs = [["a completely different text here", "the cat sat on the mat"], "a dog barked"]
-    assert metrics.exact_match(preds[0], refs[0]) == 1.0
-    assert metrics.exact_match(preds[0], refs[0][0]) == 0.0
-    assert metrics.token_f1(preds[0], refs[0]) == 1.0
-    assert metrics.rouge_l_f1(preds, refs) == [1.0, 1.0]
-    both = metrics.bleu_scores(preds, refs)
-    first_only = metrics.bleu_scores(preds, [refs[0][0], refs[1]])
+    assert lexical.exact_match(preds[0], refs[0]) == 1.0
+    assert lexical.exact_match(preds[0], refs[0][0]) == 0.0
+    assert lexical.token_f1(preds[0], refs[0]) == 1.0
+    assert lexical.rouge_l_f1(preds, refs) == [1.0, 1.0]
+    both = lexical.bleu_scores(preds, refs)
+    first_only = lexical.bleu_scores(preds, [refs[0][0], refs[1]])
     assert both.corpus == pytest.approx(1.0) and first_only.corpus < 0.5
     assert both.sentence[0] == pytest.approx(1.0)
-    assert metrics.corpus_bleu_from_stats(both.stats) == pytest.approx(both.corpus)
+    assert lexical.corpus_bleu_from_stats(both.stats) == pytest.approx(both.corpus)
     rows = [
         {"question": "q1", "prediction": preds[0], "reference": refs[0][0], "references": refs[0]},
         {"question": "q2", "prediction": preds[1], "reference": refs[1]},
     ]
-    scored = metrics.score_items(rows, metrics_cfg(groups=["lexical", "diagnostics"]))
+    scored = score(rows, metrics_cfg(groups=["lexical", "diagnostics"]))
     assert scored.column("exact_match").tolist() == [1.0, 1.0]
     assert scored.per_item[0]["length_ratio"] == pytest.approx(6 / 5)  # the first reference
+
+
+def test_group_scorers_run_in_one_order_whatever_the_config_order():
+    rows = [{"question": "q", "prediction": "a b.", "reference": "a b c"}]
+    forward = score(rows, metrics_cfg(groups=["lexical", "diagnostics"]))
+    backward = score(rows, metrics_cfg(groups=["diagnostics", "lexical"]))
+    assert list(backward.per_item[0]) == list(forward.per_item[0])
+    assert list(forward.per_item[0])[:2] == ["sentence_bleu", "rougeL_f1"]
+    assert set(metrics.GROUP_SCORERS) | {"judge"} == set(metrics.METRIC_GROUPS)
+
+
+def test_options_check_choices_before_any_scoring():
+    with pytest.raises(QaLabError, match="metrics.exact_match"):
+        metrics.MetricsOptions.from_cfg(metrics_cfg(exact_match="fuzzy"))
+    with pytest.raises(QaLabError, match="metrics.bleu_smooth"):
+        metrics.MetricsOptions.from_cfg(metrics_cfg(bleu_smooth="laplace"))
+    opts = metrics.MetricsOptions.from_cfg(metrics_cfg("original"))
+    assert (opts.groups, opts.rouge_stemmer, opts.exact_match) == (
+        ("lexical", "diagnostics"),
+        False,
+        "strip_lower",
+    )

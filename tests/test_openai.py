@@ -24,19 +24,15 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from qa_lab import judge, models, prompts, stages
+from qa_lab import generation, judge, keys, metrics, models, prompts, stages
 from qa_lab.cache import ItemCache
 from qa_lab.config import PROJECT_ROOT
 from qa_lab.errors import QaLabError
-from qa_lab.generation import (
-    GenParams,
-    LocalGenerator,
-    OpenAIGenerator,
-    chat_request,
-    generate_cached,
-)
+from qa_lab.generation import GenParams, generate_cached
 from qa_lab.jsonl import read_jsonl, write_jsonl
-from qa_lab.records import QAItem
+from qa_lab.local_engine import LocalGenerator
+from qa_lab.openai_client import OpenAIGenerator, chat_request
+from qa_lab.records import EvalRow, QAItem
 from tests.conftest import MODELS_DIR, compose_cfg
 
 QUESTIONS = ["What is a hash table?", "What is a deadlock?", "What does DNS do?"]
@@ -150,6 +146,98 @@ def test_missing_base_url_names_the_config_key():
         OpenAIGenerator.from_cfg(cfg, "llm", GenParams(max_new_tokens=4), "m")
 
 
+def _refuses_system_turns(body: dict) -> tuple[int, dict, dict]:
+    """Like vLLM serving Mistral-7B-Instruct-v0.2: its template raises on a system turn."""
+    if any(m["role"] == "system" for m in body["messages"]):
+        return 400, {"error": "Conversation roles must alternate user/assistant/..."}, {}
+    return 200, _reply(body["messages"][0]["content"][:40]), {}
+
+
+def test_system_turn_is_folded_when_the_server_refuses_it(scripted):
+    server = scripted(_refuses_system_turns)
+    chats = [_messages(q) for q in QUESTIONS]
+    gen = OpenAIGenerator(server.url, "m", GenParams(max_new_tokens=4), concurrency=1)
+    answers = gen.generate_batch([chat_request(m) for m in chats])
+    assert [a["prediction"] for a in answers] == [SYSTEM[:40]] * 3  # the system text came first
+    sent = [body["messages"] for _, body in server.requests]
+    assert len(sent) == len(QUESTIONS) + 1  # one refusal, then every request folded up front
+    assert sent[0] == chats[0] and sent[1:] == [prompts.fold_system(m) for m in chats]
+    folded_first = scripted(_refuses_system_turns)
+    fold = OpenAIGenerator(folded_first.url, "m", GenParams(max_new_tokens=4), system_turn="fold")
+    fold.complete(chats[0])
+    assert [body["messages"] for _, body in folded_first.requests] == [
+        prompts.fold_system(chats[0])
+    ]
+    with pytest.raises(QaLabError, match="HTTP 400") as err:
+        OpenAIGenerator(server.url, "m", GenParams(4), system_turn="keep").complete(chats[0])
+    assert "\n" not in str(err.value)
+    with pytest.raises(QaLabError, match="llm.system_turn='never'"):
+        OpenAIGenerator.from_cfg(
+            OmegaConf.create({"base_url": server.url, "system_turn": "never"}), "llm",
+            GenParams(4), "m",
+        )  # fmt: skip
+
+
+def test_requests_stay_in_flight_while_one_answer_is_slow(scripted):
+    """A sliding window: one slow answer does not hold back the requests after it."""
+
+    def respond(body: dict) -> tuple[int, dict, dict]:
+        if body["messages"][0]["content"] == "slow":
+            time.sleep(1.5)
+        return 200, _reply(body["messages"][0]["content"]), {}
+
+    server = scripted(respond)
+    texts = ["slow", *(f"fast {i}" for i in range(7))]
+    gen = OpenAIGenerator(server.url, "m", GenParams(max_new_tokens=4), concurrency=2)
+    started, seen = time.perf_counter(), []
+    for group in gen.stream([chat_request([{"role": "user", "content": t}]) for t in texts]):
+        seen += [(texts[i], time.perf_counter() - started) for i, _ in group]
+    assert sorted(t for t, _ in seen) == sorted(texts)
+    assert seen[-1][0] == "slow"  # every fast answer came back while the slow one ran
+    assert all(at < 1.4 for text, at in seen if text != "slow"), seen
+
+
+def test_vllm_hint_rounds_the_rank_up_and_names_the_quantization():
+    assert [generation.vllm_lora_rank(r) for r in (1, 2, 8, 9, 16, 33, 300, 512)] == [
+        1, 8, 8, 16, 16, 64, 320, 512,
+    ]  # fmt: skip
+    with pytest.raises(QaLabError, match="model.r=600"):
+        generation.vllm_lora_rank(600)
+    cfg = compose_cfg("evaluate", ["llm=mistral_7b_instruct", "model=lora", "model.r=12"])
+    command = generation.vllm_command(cfg, "qa", Path("/adapters/abc"))
+    assert "--max-lora-rank 16 " in command and "--quantization bitsandbytes" in command
+    assert command.endswith("--lora-modules qa=/adapters/abc")
+    plain = compose_cfg("evaluate", ["model=lora", "model.r=12"])
+    assert "--quantization" not in generation.vllm_command(plain, "qa", Path("/a"))
+
+
+def test_served_answers_are_not_filed_under_the_local_precision(store):
+    cfg = compose_cfg(
+        "evaluate",
+        [*store, "llm=mistral_7b_instruct", "llm.backend=openai", "llm.base_url=http://x/v1"],
+    )
+    params = GenParams.from_cfg(cfg.generation, 0)
+    key = generation.backend(cfg, params, None, keys.model_id(cfg.llm)).model_key
+    assert (
+        key == "openai:mistralai/Mistral-7B-Instruct-v0.2:served:mistralai/Mistral-7B-Instruct-v0.2"
+    )
+    cfg.llm.served_precision = "bf16"
+    assert ":bf16:" in generation.backend(cfg, params, None, keys.model_id(cfg.llm)).model_key
+    cfg.llm.system_turn = "fold"  # other messages than auto/keep: other answers
+    assert generation.backend(cfg, params, None, "x").model_key.endswith(":fold")
+
+
+def test_lora_on_the_openai_backend_refuses_to_train_here(store, tmp_path):
+    cfg = compose_cfg(
+        "evaluate",
+        [*store, "model=lora", "llm.backend=openai", "llm.base_url=http://127.0.0.1:9/v1"],
+    )
+    with pytest.raises(QaLabError, match=r"train\.py.*model\.adapter=") as err:
+        stages.evaluate(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "mlruns").exists()  # no work
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -206,28 +294,34 @@ def test_judge_retries_once_counts_unparseable_and_caches(scripted, store):
             [("alpha", "os"), ("beta", "os"), ("gamma", "networks"), ("gamma too", "networks")]
         )
     ]  # fmt: skip
-    result = stages.score_rows(cfg, [dict(r) for r in rows])
-    per_item = result["per_item"]
+    result = _score_rows(cfg, rows)
+    per_item = [r.scores for r in result.rows]
     assert [p["judge_partially_correct"] for p in per_item] == [1.0, 0.0, 0.0, 0.0]
     assert [p["judge_unparseable"] for p in per_item] == [0.0, 1.0, 0.0, 0.0]
     assert math.isnan(per_item[1]["judge_score"]) and per_item[2]["judge_score"] == 5.0
     assert len(server.requests) == 4 + 2  # two unparseable first replies, each retried once
-    ci = result["ci"]
+    ci = result.ci
     assert ci["judge_correct"]["mean"] == 0.5 and ci["judge_unparseable"]["mean"] == 0.25
     assert ci["judge_score"]["n"] == 3 and ci["judge_score"]["mean"] == pytest.approx(13 / 3)
     assert ci["judge_score"]["low"] <= ci["judge_score"]["mean"] <= ci["judge_score"]["high"]
-    assert result["topics"]["networks"]["judge_correct"] == 1.0
-    assert result["corpus"]["judge_prompt_hash"] == judge.prompt_hash()
+    assert result.topics["networks"]["judge_correct"] == 1.0
+    assert result.corpus["judge_prompt_hash"] == judge.prompt_hash()
     assert "rougeL_f1" in ci  # combined with another group
-    stages.score_rows(cfg, [dict(r) for r in rows])
+    _score_rows(cfg, rows)
     assert len(server.requests) == 6  # every reply, retries included, came from the cache
+
+
+def _score_rows(cfg, rows: list[dict]) -> metrics.RunScores:
+    opts = metrics.MetricsOptions.from_cfg(cfg.metrics)
+    records = [EvalRow.from_dict(r) for r in rows]
+    return metrics.score_rows(records, opts, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache)
 
 
 def test_judge_group_without_judge_config_is_one_line_error(store):
     cfg = compose_cfg("evaluate", [*store, "metrics.groups=[judge]"])
     rows = [{"item_id": "a", "question": "q", "reference": "r", "prediction": "p"}]
     with pytest.raises(QaLabError, match="metrics.judge.model is missing"):
-        stages.score_rows(cfg, rows)
+        _score_rows(cfg, rows)
 
 
 # --------------------------------------------------------------------------- transformers serve
@@ -354,6 +448,11 @@ def test_evaluate_and_judge_end_to_end(served, smol_folder, store, small_source,
 
 @pytest.mark.slow
 def test_synthesis_runs_through_the_server(served, smol_folder, store):
+    import functools
+
+    from qa_lab import retrieval, synthesis
+    from qa_lab.dataset import DatasetOptions
+
     seeds = [
         QAItem("s1", "What is a hash table?", "A map from keys to buckets.", topic="ds"),
         QAItem("s2", "What is a deadlock?", "Processes waiting on each other forever.", "os"),
@@ -369,7 +468,13 @@ def test_synthesis_runs_through_the_server(served, smol_folder, store):
             "dataset.synthesis.max_new_tokens=24",
         ],
     )
-    kept, rejects = stages.synthesize(cfg, seeds)
+    opts = DatasetOptions.from_cfg(cfg.dataset).synthesis
+    embed = functools.partial(
+        retrieval.embed, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache
+    )
+    kept, rejects = synthesis.synthesize(
+        opts, seeds, embed, cache_dir=cfg.paths.cache, models_dir=cfg.paths.models
+    )
     assert len(kept) + sum(rejects.values()) == 4  # every candidate kept or counted
     assert all(it.source == "synthetic" and it.seed_id in {"s1", "s2"} for it in kept)
     assert len(ItemCache(Path(cfg.paths.cache) / "answers.sqlite")) == 4

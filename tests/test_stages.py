@@ -8,22 +8,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from qa_lab import stages
-from qa_lab.config import PROJECT_ROOT
+from qa_lab import datastore, stages
 from qa_lab.errors import QaLabError
 from qa_lab.jsonl import read_jsonl, write_jsonl
-from tests.conftest import compose_cfg
-
-SEEDS = PROJECT_ROOT / "data" / "seed" / "cs_interview.jsonl"
-
-
-@pytest.fixture
-def small_source(tmp_path: Path) -> Path:
-    rows = read_jsonl(SEEDS)
-    picked = [r for i, r in enumerate(rows) if i % 5 == 0][:50]
-    path = tmp_path / "small.jsonl"
-    write_jsonl(path, picked)
-    return path
+from tests.conftest import TINY_RUN, compose_cfg
 
 
 def _data_overrides(store: list[str], source: Path) -> list[str]:
@@ -32,11 +20,10 @@ def _data_overrides(store: list[str], source: Path) -> list[str]:
 
 def _overrides(store: list[str], source: Path, *extra: str) -> list[str]:
     return [
-        *_data_overrides(store, source),
-        "eval.limit=6",
+        *store,
+        f"dataset.source={source}",
+        *TINY_RUN,
         "eval.train_sample=4",
-        "generation.max_new_tokens=24",
-        "metrics.bootstrap.resamples=200",
         "metrics.bertscore.baseline_pairs=100",
         *extra,
     ]
@@ -170,7 +157,7 @@ def test_retriever_k_zero_builds_the_no_retrieval_prompt(store, small_source):
         "evaluate", _overrides(store, small_source, "retriever=faiss", "retriever.k=0")
     )
     folder = stages.build_dataset(none_cfg)
-    items = stages.read_split(folder, "test")[:3]
+    items = datastore.read_split(folder, "test")[:3]
     tok = models.load_tokenizer(none_cfg.llm, none_cfg.paths.models)
     texts = []
     for cfg in (none_cfg, zero_cfg):
@@ -252,16 +239,6 @@ def test_output_dir_and_mismatch(store, small_source, tmp_path, capsys):
     )
     with pytest.raises(QaLabError, match="another config"):
         stages.build_dataset_main(other)
-
-
-def test_train_key_tracks_training_config_only(store, small_source):
-    base = compose_cfg("train", _data_overrides(store, small_source))
-    key = stages.train_key(base, "data1")
-    same = compose_cfg("train", [*_data_overrides(store, small_source), "model.adapter=/x"])
-    assert stages.train_key(same, "data1") == key
-    lr = compose_cfg("train", [*_data_overrides(store, small_source), "model.learning_rate=2e-4"])
-    assert stages.train_key(lr, "data1") != key
-    assert stages.train_key(base, "data2") != key
 
 
 def test_missing_adapter_and_wrong_model_are_one_line_errors(store, small_source, tmp_path):

@@ -17,8 +17,7 @@ from mlflow.entities import Feedback
 from playwright.sync_api import expect, sync_playwright
 
 from qa_lab.config import PROJECT_ROOT
-from qa_lab.jsonl import read_jsonl, write_jsonl
-from tests.conftest import MODELS_DIR
+from tests.conftest import MODELS_DIR, TINY_RUN, write_small_source
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -27,8 +26,7 @@ ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 def _sweep(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     source = tmp / "small.jsonl"
     if not source.exists():
-        rows = read_jsonl(PROJECT_ROOT / "data" / "seed" / "cs_interview.jsonl")
-        write_jsonl(source, [r for i, r in enumerate(rows) if i % 5 == 0][:50])
+        write_small_source(source)
     cmd = [
         sys.executable,
         "evaluate.py",
@@ -39,14 +37,9 @@ def _sweep(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
         f"paths.mlruns={tmp / 'mlruns'}",
         f"hydra.sweep.dir={tmp / 'multirun'}",
         f"dataset.source={source}",
-        "dataset.synthesis.backend=none",
-        "eval.limit=6",
+        *TINY_RUN,
         "eval.train_sample=4",
-        "generation.max_new_tokens=24",
         "metrics=lexical",
-        "metrics.bootstrap.resamples=200",
-        "++model.max_train_rows=16",
-        "++model.epochs=1",
         *extra,
     ]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=2400)

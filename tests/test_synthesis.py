@@ -64,3 +64,29 @@ def test_to_items_keeps_lineage():
 def test_unknown_mode():
     with pytest.raises(QaLabError, match="dataset.synthesis.mode"):
         synthesis.check_mode("rewrite")
+
+
+@pytest.mark.slow
+def test_synthesize_with_the_embedded_model_caches_and_keeps_lineage(tmp_path):
+    """The real local generator on two seeds: counted candidates, lineage, answers cached."""
+    import functools
+
+    from qa_lab.dataset import DatasetOptions
+    from qa_lab.retrieval import embed
+    from tests.conftest import MODELS_DIR, compose_cfg
+
+    cfg = compose_cfg("build_dataset", ["dataset.synthesis.per_seed=2"])
+    opts = DatasetOptions.from_cfg(cfg.dataset).synthesis
+    seeds = [SEED, QAItem("os-001", "What is a process?", "A running program.", "os")]
+    vectors = functools.partial(embed, embedder=cfg.embedder.name, cache_dir=tmp_path)
+
+    def run():
+        return synthesis.synthesize(opts, seeds, vectors, cache_dir=tmp_path, models_dir=MODELS_DIR)
+
+    items, rejects = run()
+    assert len(items) + sum(rejects.values()) == 4  # every candidate kept or counted
+    assert all(it.source == "synthetic" and it.generator == opts.model for it in items)
+    assert all(it.seed_id in {"ds-001", "os-001"} for it in items)
+    assert all(it.id.startswith(f"{it.seed_id}-syn") for it in items)
+    assert (tmp_path / "answers.sqlite").is_file()
+    assert run() == (items, rejects)  # the second run reads the same answers from the cache

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from qa_lab import stages
+from qa_lab import run_logging, stages
 from qa_lab.config import PROJECT_ROOT
+from qa_lab.errors import QaLabError
 from qa_lab.jsonl import read_jsonl, write_jsonl
 from qa_lab.metrics import METRICS_VERSION
+from qa_lab.records import EvalRow
 from tests.conftest import compose_cfg
 
 SEEDS = PROJECT_ROOT / "data" / "seed" / "cs_interview.jsonl"
@@ -154,3 +157,68 @@ def test_predictions_files_publish_root_only_traces_and_can_be_switched_off(stor
     off = mlflow.last_active_run().info.run_id
     assert mlflow.get_run(off).data.metrics["exact_match"] == 0.0  # scored and logged
     assert _run_traces(off)[0] == []
+
+
+# --------------------------------------------------------------------------- per-item payloads
+
+# The keys of a per_item.jsonl line as the evaluate stage wrote them before EvalRow existed:
+# reports rebuilt from older runs read these back.
+EVALUATE_KEYS = [
+    "item_id", "question", "reference", "prediction", "topic", "difficulty", "seed_id",
+    "stop_reason", "prompt_tokens", "generated_tokens", "max_new_tokens", "seconds", "cached",
+    "retrieved", "prompt", "messages", "nearest_train_cosine", "near_dup", "scores",
+]  # fmt: skip
+
+
+def _evaluate_row() -> EvalRow:
+    return EvalRow(
+        item_id="t1",
+        question="What is a mutex?",
+        reference="A lock.",
+        prediction="A mutual exclusion lock.",
+        topic="os",
+        difficulty="easy",
+        seed_id="s1",
+        stop_reason="eos",
+        prompt_tokens=40,
+        generated_tokens=6,
+        max_new_tokens=24,
+        seconds=0.25,
+        cached=False,
+        retrieved=({"item_id": "tr1", "question": "Lock?", "answer": "A mutex.", "score": 0.9},),
+        prompt="<prompt>",
+        messages=({"role": "user", "content": "What is a mutex?"},),
+        nearest_train_cosine=0.8123,
+        near_dup=True,
+        scores={"rougeL_f1": 0.5, "exact_match": 0.0},
+    )
+
+
+def test_per_item_line_keeps_its_keys_and_reads_back_equal():
+    row = _evaluate_row()
+    line = run_logging.per_item_jsonl([row])
+    assert line.endswith("\n") and line.count("\n") == 1
+    parsed = json.loads(line)
+    assert list(parsed) == EVALUATE_KEYS
+    assert parsed["retrieved"] == [dict(row.retrieved[0])]
+    assert EvalRow.from_dict(parsed) == replace(row, order=tuple(EVALUATE_KEYS))
+    several = replace(row, references=("A lock.", "A mutex."))
+    assert list(several.to_dict())[3:5] == ["references", "prediction"]
+
+
+def test_table_row_shows_passages_as_text_then_scores():
+    cells = run_logging._table_row(_evaluate_row())
+    assert "prompt" not in cells and "messages" not in cells and "scores" not in cells
+    assert list(cells)[-3:] == ["retrieved", "rougeL_f1", "exact_match"]
+    assert cells["retrieved"] == "[0.9] Lock? -> A mutex."
+    assert (cells["near_dup"], cells["rougeL_f1"]) == (True, 0.5)
+
+
+def test_predictions_file_row_keeps_the_file_column_order():
+    raw = {"id": 7, "question": "q", "prediction": "p", "reference": "r", "topic": "cs"}
+    row = EvalRow.from_dict({**raw, "item_id": "7"}, where="f.jsonl:1")
+    scored = replace(row, judge_reply="{}", scores={"token_f1": 1.0})
+    assert list(scored.to_dict()) == [*raw, "item_id", "judge_reply", "scores"]
+    assert scored.to_dict()["id"] == 7 and scored.extra == {"id": 7}
+    with pytest.raises(QaLabError, match=r"f.jsonl:2: missing 'reference'"):
+        EvalRow.from_dict({"question": "q", "prediction": "p"}, where="f.jsonl:2")

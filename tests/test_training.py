@@ -277,13 +277,56 @@ def test_saved_adapter_reloads_and_merges_to_the_same_outputs(
     )
     with torch.no_grad():
         unmerged_logits = reloaded(**batch).logits
-    merged = training.merge_adapter(reloaded)
+    merged = reloaded.merge_and_unload()
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     with torch.no_grad():
         merged_logits = merged(**batch).logits
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(merged_logits[mask], unmerged_logits[mask], atol=1e-3, rtol=1e-4)
     assert greedy(merged, tokenizer, examples) == expected
+
+
+def test_unmerged_adapter_answers_as_the_merged_model_through_the_engine(
+    trained, llm_cfg, tokenizer, examples, base_model
+):
+    """What a quantized base runs (the PEFT wrapper) answers as the merged fp32 model does."""
+    from peft import PeftModel
+
+    from qa_lab.generation import GenParams
+    from qa_lab.local_engine import LocalGenerator
+
+    unmerged = models.load_adapter(models.load_llm(llm_cfg, MODELS_DIR), trained.out_dir)
+    merged = models.with_adapter(models.load_llm(llm_cfg, MODELS_DIR), trained.out_dir)
+    assert isinstance(unmerged, PeftModel) and not isinstance(merged, PeftModel)
+    params = GenParams(max_new_tokens=MAX_NEW_TOKENS)
+    texts = [render_prompt(tokenizer, ex["prompt"]) for ex in examples]
+
+    def answers(model: Any) -> list[tuple[str, int]]:
+        out = LocalGenerator(model, tokenizer, params, batch_size=4).generate_batch(texts)
+        return [(a["prediction"], a["generated_tokens"]) for a in out]
+
+    tuned = answers(unmerged)
+    assert tuned == answers(merged)
+    assert tuned != answers(base_model)  # the adapter changed the answers
+
+
+def test_total_params_count_packed_4bit_weights_unpacked():
+    """bitsandbytes stores two 4-bit values per byte; the summary counts values (PEFT's count)."""
+    from peft import LoraConfig, get_peft_model
+
+    class Params4bit(torch.nn.Parameter):  # PEFT recognises bitsandbytes' class by its name
+        pass
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.packed = Params4bit(torch.zeros(32, dtype=torch.uint8), requires_grad=False)
+
+    model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["proj"]))
+    trainable, total = training._param_counts(model)
+    assert trainable == 2 * 8 + 8 * 2
+    assert total == 8 * 8 + 8 + trainable + 2 * 32  # 32 bytes hold 64 weights
 
 
 def test_training_opens_no_mlflow_run(trained):

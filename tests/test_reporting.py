@@ -1,0 +1,214 @@
+"""The sweep report's numbers: paired comparisons, 2x2 effects and tables, checked by hand.
+
+Runs are built in memory with known per-item scores (what `reporting._load_runs` reads back
+from MLflow), so every expected number below is computed here, independently of `stats`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qa_lab import reporting
+from qa_lab.metrics import BootstrapOptions
+from qa_lab.records import EvalRow
+
+BOOT = BootstrapOptions(resamples=1000, confidence=0.95, seed=0)
+BASE = [0.1, 0.4, 0.3, 0.6, 0.2, 0.5]  # vanilla's rougeL_f1 on six items, six seed clusters
+TOPICS = ["os", "os", "db", "db", "db", "net"]
+NEAR_DUP = [True, False, False, True, False, False]
+
+
+def _items(rouge: list[float], token: list[float]) -> list[EvalRow]:
+    return [
+        EvalRow(
+            item_id=f"i{n}",
+            question=f"q{n}",
+            reference=f"r{n}",
+            prediction=f"p{n}",
+            topic=TOPICS[n],
+            seed_id=f"s{n}",
+            near_dup=NEAR_DUP[n],
+            scores={"rougeL_f1": rouge[n], "token_f1": token[n]},
+        )
+        for n in range(len(rouge))
+    ]
+
+
+def _run(variant: str, rouge: list[float], token: list[float], **metrics: float) -> dict:
+    ci = {
+        m: {"mean": float(np.mean(v)), "low": min(v), "high": max(v), "n": len(v)}
+        for m, v in (("rougeL_f1", rouge), ("token_f1", token))
+    }
+    return {
+        "run_id": variant,
+        "name": variant,
+        "label": variant,
+        "tags": {"qa_lab.variant": variant, "qa_lab.eval_set_hash": "h"},
+        "params": {"retriever.kind": "faiss" if "rag" in variant else "none"},
+        "metrics": metrics,
+        "ci": ci,
+        "items": _items(rouge, token),
+    }
+
+
+def _shifted(shift: float) -> list[float]:
+    return [x + shift for x in BASE]
+
+
+def _exact_sign_flip_p(d: list[float]) -> float:
+    """Two-sided p of mean(d) != 0: the share of all 2^n sign patterns at least as extreme."""
+    observed = abs(sum(d))
+    hits = sum(
+        abs(sum(s * x for s, x in zip(signs, d))) >= observed - 1e-12
+        for signs in itertools.product((1, -1), repeat=len(d))
+    )
+    return hits / 2 ** len(d)
+
+
+def _table(md: str, heading: str) -> list[list[str]]:
+    """The body rows (cells) of the markdown table under a `## heading`."""
+    section = md.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _numbers(cell: str) -> list[float]:
+    """`+0.1000 [+0.0500, +0.2000]` -> [0.1, 0.05, 0.2]."""
+    return [float(x) for x in cell.replace("[", " ").replace("]", " ").replace(",", " ").split()]
+
+
+def test_paired_comparison_diff_ci_p_and_effect_size_by_hand():
+    d = [0.1, 0.2, -0.05, 0.3, 0.0, 0.15]
+    vanilla = _run("vanilla", BASE, BASE)
+    rag = _run("rag", [a + x for a, x in zip(BASE, d)], _shifted(0.1))
+    rows = reporting.paired_comparisons([vanilla, rag], BOOT)
+    by_metric = {r["metric"]: r for r in rows}
+    assert list(by_metric) == ["rougeL_f1", "token_f1"]  # PAIRED order, only scored metrics
+    rouge = by_metric["rougeL_f1"]
+    assert (rouge["a"], rouge["b"]) == ("vanilla", "rag")
+    assert rouge["diff"] == pytest.approx(np.mean(d))
+    assert rouge["p_value"] == pytest.approx(_exact_sign_flip_p(d))  # 2^6 = 64 patterns, exact
+    assert rouge["effect_size"] == pytest.approx(np.mean(d) / np.std(d, ddof=1))
+    assert min(d) <= rouge["ci_low"] < rouge["diff"] < rouge["ci_high"] <= max(d)
+    assert rouge["p_holm"] == rouge["p_value"]  # one contrast per metric: nothing to adjust
+    # A constant shift: every resample has the same mean, only the all-same signs reach it.
+    token = by_metric["token_f1"]
+    assert [token["diff"], token["ci_low"], token["ci_high"]] == pytest.approx([0.1] * 3)
+    assert token["p_value"] == pytest.approx(2 / 64)
+
+
+def test_holm_adjusts_the_pairs_of_each_metric():
+    runs = [
+        _run("vanilla", BASE, BASE),
+        _run("rag k=1", _shifted(0.1), BASE),
+        _run("rag k=3", [x + s for x, s in zip(BASE, [0.3, -0.3, 0.3, -0.3, 0.3, 0.0])], BASE),
+    ]
+    rouge = [r for r in reporting.paired_comparisons(runs, BOOT) if r["metric"] == "rougeL_f1"]
+    assert [(r["a"], r["b"]) for r in rouge] == [
+        ("vanilla", "rag k=1"),
+        ("vanilla", "rag k=3"),
+        ("rag k=1", "rag k=3"),
+    ]
+    p = [r["p_value"] for r in rouge]
+    order = np.argsort(p, kind="stable")
+    expected = np.empty(3)
+    running = 0.0
+    for rank, i in enumerate(order):  # Holm step-down: (m - rank) * p, kept monotone, cap 1
+        running = max(running, min(1.0, (3 - rank) * p[i]))
+        expected[i] = running
+    assert [r["p_holm"] for r in rouge] == pytest.approx(expected.tolist())
+    assert p[0] == pytest.approx(2 / 64)
+
+
+def _grid() -> list[dict]:
+    # vanilla x; rag x + 0.2; lora x + 0.1; rag_lora x + 0.35: RAG helps 0.05 more after LoRA.
+    return [
+        _run("vanilla", BASE, BASE, answers_per_s=2.0),
+        _run("rag", _shifted(0.2), _shifted(0.2)),
+        _run("lora", _shifted(0.1), _shifted(0.1)),
+        _run("rag_lora", _shifted(0.35), _shifted(0.1)),
+    ]
+
+
+def test_2x2_effects_by_hand():
+    eff = {(e["effect"], e["metric"]): e for e in reporting.effects(_grid(), BOOT)}
+    rouge_expected = {
+        "rag": ((0.2 - 0.0) + (0.35 - 0.1)) / 2,  # 0.225
+        "ft": ((0.1 - 0.0) + (0.35 - 0.2)) / 2,  # 0.125
+        "interaction": (0.35 - 0.1) - (0.2 - 0.0),  # 0.05
+    }
+    for name, value in rouge_expected.items():
+        e = eff[(name, "rougeL_f1")]
+        assert [e["estimate"], e["ci_low"], e["ci_high"]] == pytest.approx([value] * 3)
+        assert e["p_value"] == pytest.approx(2 / 64)
+    # token_f1: rag_lora = lora, so RAG's gain vanishes after LoRA (interaction -0.2).
+    assert eff[("rag", "token_f1")]["estimate"] == pytest.approx(0.1)
+    assert eff[("ft", "token_f1")]["estimate"] == pytest.approx(0.0)
+    assert eff[("interaction", "token_f1")]["estimate"] == pytest.approx(-0.2)
+    assert reporting.effects(_grid()[:3], BOOT) == []  # not the 2x2 grid: no decomposition
+
+
+def test_report_tables_and_logged_metrics_carry_those_numbers():
+    runs = _grid()
+    md, figures, logged = reporting.build_report(runs, BOOT)
+    assert set(figures) == {"metrics"}
+    grid = _table(md, "Grid (mean [95% CI])")
+    assert [row[0] for row in grid] == ["vanilla", "rag", "lora", "rag_lora"]
+    for row, run in zip(grid, runs):
+        c = run["ci"]["rougeL_f1"]
+        assert _numbers(row[1]) == pytest.approx([c["mean"], c["low"], c["high"]], abs=5e-5)
+    paired = {(r[0], r[1], r[2]): r for r in _table(md, "Paired comparisons")}
+    row = paired[("vanilla", "rag_lora", "rougeL_f1")]
+    assert _numbers(row[3]) == pytest.approx([0.35] * 3, abs=5e-5)
+    assert float(row[4]) == pytest.approx(2 / 64, abs=1e-4)  # printed with 4 decimals
+    effects = {(r[0], r[1]): _numbers(r[2]) for r in _table(md, "2×2 decomposition")}
+    assert effects[("interaction", "rougeL_f1")] == pytest.approx([0.05] * 3, abs=5e-5)
+    assert logged["effect/rag/rougeL_f1"] == pytest.approx(0.225)
+    assert logged["compare/vanilla_vs_rag/rougeL_f1/diff"] == pytest.approx(0.2)
+    assert logged["compare/lora_vs_rag_lora/token_f1/ci_high"] == pytest.approx(0.0)
+    assert len(logged) == 6 * 2 * 4 + 3 * 2  # 6 pairs x 2 metrics x 4 numbers, 3 effects x 2
+
+
+def test_topic_near_dup_and_diagnostics_tables_by_hand():
+    runs = _grid()
+    md, _, _ = reporting.build_report(runs, BOOT)
+    topics = _table(md, "Per topic")
+    header = md.split("## Per topic", 1)[1].splitlines()[2]
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == ["db", "net", "os"]
+    rag = topics[1]
+    # rag on db: items 2, 3, 4 -> rougeL_f1 (0.5 + 0.8 + 0.4) / 3; no bertscore_f1 scored
+    rouge, bertscore = rag[1].split(" (")[0].split(" / ")
+    assert float(rouge) == pytest.approx((0.5 + 0.8 + 0.4) / 3, abs=5e-4) and bertscore == "–"
+    assert rag[1].endswith("(n=3)") and rag[2].endswith("(n=1)")
+    near = _table(md, "Near-duplicate split")
+    vanilla = near[0]
+    # vanilla rougeL_f1: near-dups are items 0 and 3 (0.1, 0.6), the rest 0.4, 0.3, 0.2, 0.5
+    assert vanilla[1] == f"{(0.1 + 0.6) / 2:.3f} (n=2)"
+    assert vanilla[2] == f"{(0.4 + 0.3 + 0.2 + 0.5) / 4:.3f} (n=4)"
+    diagnostics = _table(md, "Diagnostics")
+    assert [row[-2] for row in diagnostics] == ["2.00", "cached", "cached", "cached"]
+
+
+def test_train_vs_test_and_leakage_tables_by_hand():
+    train = {
+        "train_sample/rougeL_f1": 0.9,
+        "train_sample/rougeL_f1_ci_low": 0.8,
+        "train_sample/rougeL_f1_ci_high": 0.95,
+        "train_sample/n": 4.0,
+        "leakage/near_dup_rate": 0.125,
+        "leakage/near_dup": 3.0,
+    }
+    runs = [_run("vanilla", BASE, BASE, **train), _run("rag", _shifted(0.2), BASE, **train)]
+    md, _, _ = reporting.build_report(runs, BOOT)
+    assert "closed-book: 4 seeded training items" in md
+    rows = _table(md, "Did fine-tuning learn?")
+    assert [row[0] for row in rows] == ["vanilla"]  # a RAG run had context at test time
+    test, sample, gap = rows[0][1:]
+    assert _numbers(sample) == pytest.approx([0.9, 0.8, 0.95])
+    assert float(gap) == pytest.approx(0.9 - np.mean(BASE), abs=5e-4)
+    assert _numbers(test)[0] == pytest.approx(np.mean(BASE), abs=5e-5)
+    leakage = dict(_table(md, "Leakage audit"))
+    assert (leakage["near_dup"], leakage["near_dup_rate"]) == ("3", "0.125")
