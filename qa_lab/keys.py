@@ -56,15 +56,14 @@ def without(tree: Mapping[str, Any], paths: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def model_id(llm: Mapping[str, Any]) -> str:
-    """Identity of the base model: name, revision and quantisation (part of every key)."""
-    rev = f"@{llm['revision']}" if llm.get("revision") else ""
-    return f"{llm['name']}{rev}:{llm['dtype']}{':nf4' if llm.get('load_in_4bit') else ''}"
-
-
 def base_name(llm: Mapping[str, Any]) -> str:
     """The base model's name and revision, without the local precision."""
     return f"{llm['name']}{'@' + llm['revision'] if llm.get('revision') else ''}"
+
+
+def model_id(llm: Mapping[str, Any]) -> str:
+    """Identity of the base model: name, revision and quantisation (part of every key)."""
+    return f"{base_name(llm)}:{llm['dtype']}{':nf4' if llm.get('load_in_4bit') else ''}"
 
 
 def local_model_key(model_key: str, *, device: str, merged: bool | None) -> str:
