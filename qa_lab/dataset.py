@@ -67,7 +67,7 @@ class SplitOptions:
 class DatasetOptions:
     """The `dataset` config node, typed once at the script boundary (see conf/dataset/)."""
 
-    source: str
+    source: str | None  # None: no QA file (QA pairs synthesised from the corpus only)
     format: str
     encoding: str
     columns: dict[str, str] | None  # only the fields mapped by hand
@@ -85,7 +85,7 @@ class DatasetOptions:
         """Read the `dataset` node (a DictConfig or anything with the same attributes)."""
         columns = {k: v for k, v in dict(node.columns).items() if v}
         return cls(
-            source=str(node.source),
+            source=str(node.source) if node.source else None,
             format=node.format,
             encoding=node.encoding,
             columns=columns or None,

@@ -58,6 +58,20 @@ def split_topics(splits: Mapping[str, Sequence[QAItem]], source: str | None) -> 
     return fig
 
 
+def chunk_lengths(tokens: Sequence[int], size: int) -> Any:
+    """Histogram of chunk lengths in embedder tokens, with the configured size marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(tokens, bins=min(40, max(5, len(tokens) // 5)))
+    ax.axvline(size, color="black", linestyle="--", label=f"chunking.size={size}")
+    ax.set_xlabel("tokens per chunk (embedder tokenizer)")
+    ax.set_ylabel("chunks")
+    ax.set_title(f"Chunk lengths ({len(tokens)} chunks)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -122,7 +136,12 @@ def loss_curves(runs: list[dict[str, Any]]) -> Any | None:
 
 
 def sweep_curves(runs: list[dict[str, Any]]) -> Any | None:
-    """Metrics against k or learning rate, for sweeps over one variant (not the 2x2 grid)."""
+    """Metrics against k or learning rate, for sweeps over one variant (not the 2x2 grid).
+
+    A sweep over several retrievers draws one line per retriever (ROUGE-L), and recall@k of
+    the gold chunks beside it when the runs have it: answer quality next to what the
+    retriever found.
+    """
     if len({r["tags"].get("qa_lab.variant") for r in runs}) > 1 and not all(
         r["tags"].get("qa_lab.variant") in ("vanilla", "rag") for r in runs
     ):
@@ -130,22 +149,39 @@ def sweep_curves(runs: list[dict[str, Any]]) -> Any | None:
     for param in ("retriever.k", "model.learning_rate"):
         values = {r["params"].get(param) for r in runs}
         if len(values) > 1 and None not in values:
-            plt = _pyplot()
-            ordered = sorted(runs, key=lambda r: float(r["params"][param]))
-            xs = [float(r["params"][param]) for r in ordered]
-            fig, ax = plt.subplots(figsize=(6, 3.6))
-            for m in ("rougeL_f1", "bertscore_f1", "token_f1"):
-                if m in ordered[0]["ci"]:
-                    ys = [r["ci"][m]["mean"] for r in ordered]
-                    lo = [r["ci"][m]["low"] for r in ordered]
-                    hi = [r["ci"][m]["high"] for r in ordered]
-                    ax.plot(xs, ys, marker="o", label=m)
-                    ax.fill_between(xs, lo, hi, alpha=0.2)
-            if param == "model.learning_rate":
-                ax.set_xscale("log")
-            ax.set_xlabel(param)
-            ax.set_title(f"Metrics against {param}")
-            ax.legend()
-            fig.tight_layout()
-            return fig
+            return _curves(runs, param)
     return None
+
+
+def _curves(runs: list[dict[str, Any]], param: str) -> Any:
+    """One panel of answer quality (and one of recall@k) against `param`, a line per retriever."""
+    plt = _pyplot()
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:  # k = 0 (closed book) has no retriever of its own: it joins every line
+        kind = run["params"].get("retriever.kind", "")
+        groups.setdefault("" if kind == "none" else kind, []).append(run)
+    shared = groups.pop("", []) if len(groups) > 1 else []
+    recall = "retrieval/recall_at_k"
+    panels = 2 if any(recall in r["ci"] for r in runs) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.6), squeeze=False)
+    metrics = ("rougeL_f1",) if len(groups) > 1 else ("rougeL_f1", "bertscore_f1", "token_f1")
+    for name, group in groups.items():
+        ordered = sorted(group + shared, key=lambda r: float(r["params"][param]))
+        for ax, names in zip(axes[0], (metrics, (recall,))):
+            for m in names:
+                points = [(float(r["params"][param]), r["ci"][m]) for r in ordered if m in r["ci"]]
+                if not points:
+                    continue
+                xs = [x for x, _ in points]
+                ax.plot(xs, [c["mean"] for _, c in points], marker="o", label=f"{name} {m}".strip())
+                ax.fill_between(
+                    xs, [c["low"] for _, c in points], [c["high"] for _, c in points], alpha=0.2
+                )
+    for ax, title in zip(axes[0], ("Answer quality", "Gold chunk retrieved (recall@k)")):
+        if param == "model.learning_rate":
+            ax.set_xscale("log")
+        ax.set_xlabel(param)
+        ax.set_title(f"{title} against {param}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -23,6 +23,8 @@ VERSIONS = {
     "index": 1,
     "predict": 2,  # 2: speed-only generation keys left out of the key
     "predictions_file": 1,
+    "corpus": 1,
+    "cpt": 1,
 }
 
 # Dotted paths into each stage's hashed config that do not change its output.
@@ -35,8 +37,13 @@ EXCLUDE: dict[str, tuple[str, ...]] = {
         "synthesis.base_url",
         "synthesis.api_key_env",
     ),
-    # `adapter` bypasses training altogether; `kind` is always lora here
-    "train": ("adapter", "kind"),
+    # the files enter as their content hashes; gold mapping and the prompt header are read
+    # downstream of the chunks; the kind is implied by this stage running at all
+    "corpus": ("source", "gold_threshold", "context_header", "kind"),
+    # `adapter` bypasses training altogether; `kind` is always lora here; what the continued
+    # pretraining read and how enter through its own key, the SFT's upstream (`knowledge=qa`:
+    # none, so those keys stay as they were before continued pretraining existed)
+    "train": ("adapter", "kind", "cpt", "knowledge"),
     # greedy answers do not depend on batch width or threads (the per-item cache key never
     # had them, tests/test_generation.py checks batched == one-at-a-time answers)
     "predict": ("generation.batch_size", "generation.batch_tokens", "generation.threads"),
@@ -90,13 +97,19 @@ def served_model_key(served: str, precision: str | None, upstream: str, *, fold:
 
 
 def dataset_key(
-    dataset: Mapping[str, Any], *, source_hash: str, embedder: str, synthesis_device: str = "cpu"
+    dataset: Mapping[str, Any],
+    *,
+    source_hash: str,
+    embedder: str,
+    synthesis_device: str = "cpu",
+    corpus: str | None = None,
 ) -> str:
     """Key over what changes the dataset: its config, its source's bytes and the embedder.
 
     Without a synthesis backend the whole synthesis block is inert, so it is left out. Local
     synthesis samples differently on CUDA than on CPU under the same seed, so a CUDA device
-    enters the key (a CPU one does not: CPU keys stay as they were).
+    enters the key (a CPU one does not: CPU keys stay as they were). `corpus` is the corpus key
+    when QA pairs are synthesised from its chunks.
     """
     semantic = without(dataset, EXCLUDE["dataset"])
     if dataset["synthesis"]["backend"] == "none":
@@ -106,7 +119,11 @@ def dataset_key(
     return stage_key(
         semantic,
         version=VERSIONS["dataset"],
-        upstream={"source": source_hash, "embedder": embedder},
+        upstream={
+            "source": source_hash,
+            "embedder": embedder,
+            **({"corpus": corpus} if corpus else {}),
+        },
     )
 
 
@@ -118,11 +135,13 @@ def train_key(
     data_key: str,
     model: str,
     retrieval: Mapping[str, Any] | None,
+    cpt: str | None = None,
 ) -> str:
     """Adapter identity: base model, dataset, LoRA config, prompt (and retrieval if used).
 
     `retrieval` is the embedder and document form when training prompts carry retrieved
     neighbours (`model.context=retrieved`); otherwise `context_k` is inert and left out.
+    `cpt` is the continued pretraining's key when the SFT continues its adapter.
     """
     semantic = without(lora, EXCLUDE["train"])
     if retrieval is None:
@@ -130,16 +149,70 @@ def train_key(
     else:
         semantic["retrieval"] = dict(retrieval)
     semantic.update(prompt=dict(prompt), template_version=template_version)
+    upstream = {"data": data_key, "model": model, **({"cpt": cpt} if cpt else {})}
+    return stage_key(semantic, version=VERSIONS["train"], upstream=upstream)
+
+
+def corpus_key(
+    corpus: Mapping[str, Any], chunking: Mapping[str, Any], *, files_hash: str, tokenizer: str
+) -> str:
+    """Corpus identity: the files' bytes, how they are read and chunked, the token counter.
+
+    Chunk sizes are counted in the embedder's tokens, so the embedder enters as `tokenizer`.
+    """
+    semantic = without(corpus, EXCLUDE["corpus"])
+    semantic["chunking"] = dict(chunking)
     return stage_key(
-        semantic, version=VERSIONS["train"], upstream={"data": data_key, "model": model}
+        semantic,
+        version=VERSIONS["corpus"],
+        upstream={"files": files_hash, "tokenizer": tokenizer},
     )
 
 
-def index_key(train_hash: str, embedder: str, document: str) -> str:
-    """Index identity: the indexed split, the embedder and the document form (never k)."""
-    return stable_hash(
-        {"train": train_hash, "embedder": embedder, "document": document, "v": VERSIONS["index"]}
-    )
+def cpt_key(
+    lora: Mapping[str, Any], *, knowledge: str, corpus: str, data_key: str | None, model: str
+) -> str:
+    """Key of the continued pretraining: the base model, the texts it reads, LoRA and CPT options.
+
+    `data_key` is the dataset's key when the train QA pairs are part of the texts
+    (`model.knowledge=both`), None when only the corpus is.
+    """
+    semantic = {
+        "lora": {k: lora.get(k) for k in ("r", "alpha", "dropout", "target_modules", "seed")},
+        "cpt": dict(lora["cpt"]),
+        "knowledge": knowledge,
+        "schedule": {k: lora.get(k) for k in ("lr_scheduler", "warmup_ratio", "weight_decay")},
+        # which windows share a step (the CPT reads these from the model node too)
+        "batching": {k: lora.get(k) for k in ("grad_accum", "group_by_length")},
+    }
+    upstream = {"corpus": corpus, "model": model, **({"data": data_key} if data_key else {})}
+    return stage_key(semantic, version=VERSIONS["cpt"], upstream=upstream)
+
+
+def index_key(
+    train_hash: str,
+    embedder: str | None,
+    document: str,
+    *,
+    kind: str = "faiss",
+    settings: Mapping[str, Any] | None = None,
+) -> str:
+    """Index identity: the indexed passages, the document form and the kind's settings (never k).
+
+    `train_hash` is the corpus's identity: the training split's file hash for `corpus=train_qa`
+    (so that corpus keeps the index it always had), the corpus key for a folder. `embedder` is
+    None for an index that embeds nothing (bm25). A faiss key is the formula it always was, so
+    existing indexes stay valid; other kinds add their name and settings (e.g. bm25's k1, b).
+    """
+    body: dict[str, Any] = {
+        "train": train_hash,
+        "embedder": embedder,
+        "document": document,
+        "v": VERSIONS["index"],
+    }
+    if kind != "faiss":
+        body.update(kind=kind, settings=dict(settings or {}))
+    return stable_hash(body)
 
 
 def eval_set_hash(items: Sequence[QAItem]) -> str:
@@ -152,9 +225,13 @@ def predict_key(
 ) -> str:
     """Key of an evaluate run's answers: generation, prompt and retriever config, model, items.
 
-    `evaluation` holds the `generation`, `prompt` and `retriever` config nodes.
+    `evaluation` holds the `generation`, `prompt` and `retriever` config nodes. Reranking that
+    is off (`retriever.rerank.model` null) is inert, so it is left out.
     """
     semantic = without(evaluation, EXCLUDE["predict"])
+    rerank = (semantic.get("retriever") or {}).get("rerank")
+    if isinstance(rerank, Mapping) and not rerank.get("model"):
+        semantic["retriever"].pop("rerank")
     semantic["template_version"] = template_version
     return stage_key(
         semantic,

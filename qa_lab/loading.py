@@ -26,7 +26,7 @@ from qa_lab.jsonl import read_jsonl
 from qa_lab.records import EvalRow, QAItem
 from qa_lab.topics import clean_topics
 
-FIELDS = ("id", "question", "answer", "topic", "difficulty", "seed_id")
+FIELDS = ("id", "question", "answer", "topic", "difficulty", "seed_id", "evidence")
 # Lineage fields are carried over by their exact name when a file has them.
 LINEAGE_FIELDS = ("source", "generator")
 # Recognised column names, in order of preference. `instruction` comes before `input`
@@ -38,6 +38,8 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "topic": ("topic", "category", "subject"),
     "difficulty": ("difficulty", "level"),
     "seed_id": ("seed_id",),
+    # where the answer is written in the corpus (`source` already names who wrote a row)
+    "evidence": ("evidence", "source_document", "document", "doc_id"),
 }
 BAD_ROW_ACTIONS = ("error", "skip")
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "hf")
@@ -416,7 +418,7 @@ def _answers(value: Any, loc: str) -> list[str] | None:
 def _make_item(row: Row, loc: str, n: int, mapping: Mapping[str, str | None]) -> QAItem:
     values: dict[str, str | None] = {}
     for fld, column in mapping.items():
-        if fld != "answer":
+        if fld not in ("answer", "evidence"):
             values[fld] = None if column is None else _as_text(row.get(column), fld, loc)
     answers = _answers(row.get(mapping["answer"] or ""), loc)
     for fld, text in (("question", values["question"]), ("answer", answers and answers[0])):
@@ -442,7 +444,29 @@ def _make_item(row: Row, loc: str, n: int, mapping: Mapping[str, str | None]) ->
         source=source,
         generator=(lineage["generator"] or "").strip() or None,
         references=tuple(answers) if len(answers) > 1 else None,
+        evidence=parse_evidence(row.get(mapping["evidence"] or ""), loc),
     )
+
+
+def parse_evidence(value: Any, loc: str) -> dict[str, str] | None:
+    """A row's evidence: "doc", "doc#Section" or {document, section?, quote?, chunk?}.
+
+    Returned as a dict of non-empty strings with `document` always present (None: no evidence).
+    """
+    value = _cell(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        document, _, section = value.strip().partition("#")
+        value = {"document": document, "section": section}
+    if not isinstance(value, dict) or not str(value.get("document") or "").strip():
+        raise BadRow(
+            f'{loc}: evidence must be "document", "document#section" or an object with a '
+            f"document (got {str(value)[:60]!r})",
+            "bad_evidence",
+        )
+    known = ("document", "section", "quote", "chunk")
+    return {k: str(value[k]).strip() for k in known if str(value.get(k) or "").strip()}
 
 
 def _check_unique_ids(items: Sequence[QAItem], where: Sequence[str]) -> None:

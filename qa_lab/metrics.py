@@ -4,8 +4,10 @@ Per-item outputs are the product: every metric yields one float per item, in ite
 that CIs, paired tests and the 2x2 decomposition can be derived from them later. The groups
 live in their own modules (`lexical`, `semantic` for BERTScore, `diagnostics`,
 `retrieval_metrics`; `judge` asks an LLM server); `score_items` runs the configured ones
-through `GROUP_SCORERS`, a plain dict, and `score_rows` adds the judge, the bootstrap CIs
-(clusters: seed lineages) and the per-topic and near-duplicate means a run logs.
+through `GROUP_SCORERS`, a plain dict, and `score_rows` adds the judge, the failure
+attribution (`correct` per item; with gold chunks, whether a miss was the retriever's or the
+generator's), the bootstrap CIs (clusters: seed lineages) and the per-topic and near-duplicate
+means a run logs.
 
 BERTScore is loaded lazily (torch/transformers only when the semantic group is asked for).
 """
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from qa_lab import diagnostics, lexical
+from qa_lab import retrieval_metrics as rm
 from qa_lab.errors import QaLabError, require_choice
 from qa_lab.records import EvalRow
 
@@ -35,6 +38,22 @@ RATE_NAMES = {
     "runaway": "runaway_rate",
     "idk": "idk_rate",
     "copied": "copy_rate",
+}
+# Per-item columns logged under a prefix: the ranking metrics against the gold chunks (and
+# whether the context holds the answer's words), and the failure attribution. MLflow 3.17
+# refuses "@" in metric names ("retrieval/R@5" is rejected), hence recall_at_k.
+PREFIXED = {
+    **{name: f"retrieval/{name}" for name in (*rm.RANKING_COLUMNS, "answer_in_context")},
+    **{name: f"attribution/{name}" for name in ("correct", *rm.ATTRIBUTION_CELLS.values())},
+}
+# Every per-item column's run-level name (a column not listed keeps its own).
+RUN_NAMES = {**RATE_NAMES, **PREFIXED}
+# The per-item columns that say how good an answer is, by group: `metrics.attribution.metric`
+# must be one of the configured groups' columns.
+ANSWER_SCORES = {
+    "lexical": ("sentence_bleu", "rougeL_f1", "exact_match", "token_f1"),
+    "semantic": ("bertscore_f1", "bertscore_f1_raw", "bertscore_precision", "bertscore_recall"),
+    "judge": ("judge_score", "judge_correct"),
 }
 # Direction of each corpus metric, for tables (True: higher is better).
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -64,6 +83,16 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "judge_incorrect": False,
     "judge_unparseable": False,
     "judge_score": True,
+    "retrieval/recall_at_k": True,
+    "retrieval/ndcg_at_k": True,
+    "retrieval/mrr": True,
+    "retrieval/gold_retrieved": True,
+    "retrieval/answer_in_context": True,
+    "attribution/correct": True,
+    "attribution/retriever_miss": False,
+    "attribution/generator_miss": False,
+    "attribution/parametric_hit": True,
+    "attribution/both_right": True,
 }
 
 
@@ -125,6 +154,37 @@ class BootstrapOptions:
 
 
 @dataclass(frozen=True)
+class AttributionOptions:
+    """`metrics.attribution`: when an answer counts as right, for the miss attribution.
+
+    Right means `metric >= threshold`, or the judge's verdict is `correct` when `use_judge`
+    is set and the judge group runs. `metric` is None when no configured group scores it
+    (`metrics.groups=[diagnostics]`): such a run has no `correct` column.
+    """
+
+    metric: str | None
+    threshold: float
+    use_judge: bool
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any], groups: tuple[str, ...]) -> AttributionOptions:
+        """Check the node; an unknown metric or a threshold that is no number is refused."""
+        metric = str(_need(cfg, "attribution.metric"))
+        require_choice(
+            "metrics.attribution.metric", metric, [m for c in ANSWER_SCORES.values() for m in c]
+        )
+        threshold = _need(cfg, "attribution.threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise QaLabError(f"metrics.attribution.threshold={threshold!r} is not a number")
+        group = next(g for g, columns in ANSWER_SCORES.items() if metric in columns)
+        return cls(
+            metric=metric if group in groups else None,
+            threshold=float(threshold),
+            use_judge=bool(_need(cfg, "attribution.use_judge")) and "judge" in groups,
+        )
+
+
+@dataclass(frozen=True)
 class MetricsOptions:
     """The `metrics` config node, read once (each key documented in conf/metrics/default.yaml).
 
@@ -142,6 +202,7 @@ class MetricsOptions:
     bootstrap: BootstrapOptions
     sample_count: int
     sample_seed: int
+    attribution: AttributionOptions
     judge: Any = None
 
     @classmethod
@@ -176,6 +237,7 @@ class MetricsOptions:
             ),
             sample_count=int(_need(cfg, "samples.count")),
             sample_seed=int(_need(cfg, "samples.seed")),
+            attribution=AttributionOptions.from_cfg(cfg, groups),
             judge=metrics_cfg.get("judge"),  # the node itself: judge reads it as config
         )
 
@@ -247,7 +309,7 @@ def _means(per_item: list[dict[str, float]]) -> dict[str, float]:
     for name in names:
         values = np.array([row.get(name, math.nan) for row in per_item], dtype=float)
         if np.isfinite(values).any():
-            out[RATE_NAMES.get(name, name)] = float(np.nanmean(values))
+            out[RUN_NAMES.get(name, name)] = float(np.nanmean(values))
     return out
 
 
@@ -333,13 +395,16 @@ def _score_diagnostics(batch: _Batch, opts: MetricsOptions, result: ScoreResult)
 
 
 def _score_retrieval(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -> None:
-    """Skipped when no row carries retrieved passages (vanilla and LoRA runs)."""
-    from qa_lab.retrieval_metrics import retrieval_scores
+    """Skipped when no row carries retrieved passages (vanilla and LoRA runs).
 
-    if not any(r.retrieved for r in batch.rows):
+    The ranking columns need gold chunks: they are left out when no row has any (old runs,
+    `corpus=train_qa`), rather than filled with NaN.
+    """
+    rows = batch.rows
+    if not any(r.retrieved for r in rows):
         return
-    scores = retrieval_scores(
-        [list(r.retrieved or []) for r in batch.rows],
+    scores = rm.retrieval_scores(
+        [list(r.retrieved or []) for r in rows],
         batch.references,
         batch.predictions,
         copy_threshold=opts.copy_threshold,
@@ -347,6 +412,11 @@ def _score_retrieval(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -
         embedder=batch.embedder,
         cache_dir=batch.cache_dir,
     )
+    if any(r.gold for r in rows):
+        scores.update(rm.ranking_scores([r.retrieved for r in rows], [r.gold for r in rows]))
+    scores["answer_in_context"] = [
+        rm.answer_in_context(r.retrieved, ref) for r, ref in zip(rows, batch.references)
+    ]
     for name, values in scores.items():
         _put(result.per_item, name, values)
 
@@ -435,6 +505,7 @@ def score_rows(
     replies: list[str | None] = [None] * len(rows)
     if "judge" in opts.groups:
         replies = _judge(rows, scored, opts, cache_dir)
+    _attribute(rows, scored, opts.attribution)
     ci = _cis(rows, scored, opts.bootstrap)
     topics = scored.topic_means()
     return RunScores(
@@ -462,6 +533,30 @@ def _judge(
     return list(replies)
 
 
+def _attribute(rows: Sequence[EvalRow], scored: ScoreResult, opts: AttributionOptions) -> None:
+    """Add `correct` to every item, and the attribution cells when some row has gold.
+
+    `correct` is the judge's verdict == correct (NaN when its reply was unparseable: no made-up
+    verdict) or `opts.metric >= opts.threshold`. Runs are compared item by item on it, so it
+    is added in every run, closed-book ones too; nothing is added when no configured group
+    scores the metric.
+    """
+    if not opts.use_judge and opts.metric is None:
+        return
+    if opts.use_judge:
+        judged = zip(scored.column("judge_correct"), scored.column("judge_unparseable"))
+        correct = [math.nan if bad == 1.0 else v for v, bad in judged]
+    else:
+        correct = [
+            v if math.isnan(v) else float(v >= opts.threshold) for v in scored.column(opts.metric)
+        ]
+    _put(scored.per_item, "correct", correct)
+    if any(r.gold and r.retrieved for r in rows):
+        hits = [rm.gold_retrieved(r.retrieved, r.gold) for r in rows]
+        for name, values in rm.attribution(correct, hits).items():
+            _put(scored.per_item, name, values)
+
+
 def _cis(
     rows: Sequence[EvalRow], scored: ScoreResult, boot: BootstrapOptions
 ) -> dict[str, dict[str, Any]]:
@@ -476,7 +571,7 @@ def _cis(
             len(rows), scored.corpus_bleu, clusters=clusters, **opts
         ).as_dict()
     for name in scored.metric_names():
-        run_name = RATE_NAMES.get(name, name)
+        run_name = RUN_NAMES.get(name, name)
         ci[run_name] = stats.bootstrap_ci(scored.column(name), clusters=clusters, **opts).as_dict()
     return ci
 

@@ -20,12 +20,20 @@ PASSAGE_CLOSE = "</passage {n}>"
 
 
 def format_context(passages: Sequence[Passage], header: str) -> str:
-    """Numbered, delimited passages so the context cannot be mistaken for the answer."""
+    """Numbered, delimited passages so the context cannot be mistaken for the answer.
+
+    A chunk shows its text (a markdown chunk starts with its heading line); a training pair
+    shows as Q/A.
+    """
     blocks = [
-        f"{PASSAGE_OPEN.format(n=i)}\nQ: {p.question}\nA: {p.answer}\n{PASSAGE_CLOSE.format(n=i)}"
+        f"{PASSAGE_OPEN.format(n=i)}\n{_body(p)}\n{PASSAGE_CLOSE.format(n=i)}"
         for i, p in enumerate(passages, start=1)
     ]
     return header.strip() + "\n" + "\n".join(blocks)
+
+
+def _body(passage: Passage) -> str:
+    return passage.text.strip() if passage.text else f"Q: {passage.question}\nA: {passage.answer}"
 
 
 def build_messages(

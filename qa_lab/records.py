@@ -21,6 +21,9 @@ class QAItem:
     # All reference answers when the file gives several (`answer` is the first); None: one.
     references: tuple[str, ...] | None = None
     topic_source: str | None = None  # mapped (a file column) | inferred (clustered questions)
+    # Where the answer is written in the knowledge corpus: {document, section?, quote?, chunk?}
+    # (`dataset.columns.evidence`; synthesis from the corpus sets `chunk`). None: not named.
+    evidence: dict[str, str] | None = field(default=None, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise with `None` fields dropped, so files stay minimal and hashes stable."""
@@ -37,12 +40,40 @@ class QAItem:
 
 @dataclass(frozen=True)
 class Passage:
-    """A retrieved training pair and how similar its document is to the query."""
+    """A retrieved passage and the retriever's score: a corpus chunk or a training pair.
+
+    A training pair (`corpus=train_qa`) fills `question` and `answer`; a chunk fills `text`,
+    `document` and `heading`. `content` is what the generator could copy from either.
+    """
 
     item_id: str
-    question: str
-    answer: str
-    score: float
+    question: str = ""
+    answer: str = ""
+    score: float = 0.0
+    text: str = ""
+    document: str = ""
+    heading: str = ""
+
+    @property
+    def content(self) -> str:
+        """The passage's knowledge: a pair's answer, or a chunk's text."""
+        return self.text or self.answer
+
+    def to_dict(self, gold: bool | None = None) -> dict[str, Any]:
+        """The serialised passage of an evaluated row (a pair keeps its historical shape)."""
+        if self.text:
+            out: dict[str, Any] = {
+                "item_id": self.item_id,
+                "document": self.document,
+                "heading": self.heading,
+                "text": self.text,
+            }
+        else:
+            out = {"item_id": self.item_id, "question": self.question, "answer": self.answer}
+        out["score"] = round(self.score, 4)
+        if gold is not None:
+            out["gold"] = gold
+        return out
 
 
 @dataclass(frozen=True)
@@ -75,6 +106,8 @@ _SERIALISED_ORDER = (
     "seconds",
     "cached",
     "retrieved",
+    "gold",
+    "gold_source",
     "prompt",
     "messages",
     "nearest_train_cosine",
@@ -82,7 +115,12 @@ _SERIALISED_ORDER = (
     "judge_reply",
     "scores",
 )
-_TUPLES = ("references", "retrieved", "messages")  # lists in JSON, tuples in the frozen record
+_TUPLES = (
+    "references",
+    "retrieved",
+    "messages",
+    "gold",
+)  # lists in JSON, tuples in the frozen record
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +148,10 @@ class EvalRow:
     max_new_tokens: int | None = None
     seconds: float | None = None  # the item's share of its batch's generation time
     cached: bool | None = None  # answer read from the per-item cache
-    retrieved: tuple[dict[str, Any], ...] | None = None  # {item_id, question, answer, score}
+    # Passage.to_dict of each retrieved passage, with its `gold` flag when the item has gold
+    retrieved: tuple[dict[str, Any], ...] | None = None
+    gold: tuple[str, ...] | None = None  # the corpus chunk ids that hold the answer
+    gold_source: str | None = None  # evidence (named by the QA row) | inferred (most similar)
     prompt: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
     nearest_train_cosine: float | None = None
@@ -146,15 +187,7 @@ class EvalRow:
             max_new_tokens=max_new_tokens,
             seconds=pred.seconds,
             cached=pred.extra.get("cached", False),
-            retrieved=tuple(
-                {
-                    "item_id": x.item_id,
-                    "question": x.question,
-                    "answer": x.answer,
-                    "score": round(x.score, 4),
-                }
-                for x in passages
-            ),
+            retrieved=tuple(x.to_dict() for x in passages),
             prompt=prompt,
             messages=tuple(messages),
         )

@@ -7,6 +7,7 @@ so any finished sweep can be re-reported later with `evaluate.py report=<parent 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import Any
 from qa_lab import figures, report_html, tracking
 from qa_lab.errors import QaLabError
 from qa_lab.records import EvalRow
+from qa_lab.retrieval_metrics import ATTRIBUTION_CELLS
 
 HEADLINE = ("bleu", "rougeL_f1", "bertscore_f1", "exact_match", "token_f1")
 PAIRED = ("rougeL_f1", "bertscore_f1", "token_f1", "sentence_bleu", "exact_match")
@@ -33,7 +35,23 @@ RETRIEVAL = (
     "retrieval_best_cosine",
     "copy_rate",
 )
-SWEPT_PARAMS = ("retriever.k", "model.learning_rate", "model.epochs", "model.r", "llm.name")
+# Ranking against the gold chunks and answer words in context (run names), as the report says.
+RANKING = {
+    "retrieval/recall_at_k": "recall@k",
+    "retrieval/mrr": "MRR",
+    "retrieval/ndcg_at_k": "nDCG@k",
+    "retrieval/answer_in_context": "answer in context",
+}
+# A fine-tune's closed-book or RAG run and the base-model run it is compared with.
+FINE_TUNE_BASE = {"lora": "vanilla", "rag_lora": "rag"}
+SWEPT_PARAMS = (
+    "retriever.kind",
+    "retriever.k",
+    "model.learning_rate",
+    "model.epochs",
+    "model.r",
+    "llm.name",
+)
 TOPIC_METRICS = ("rougeL_f1", "bertscore_f1")
 VARIANTS_2X2 = ("vanilla", "rag", "lora", "rag_lora")
 
@@ -214,7 +232,10 @@ def build_report(
         *_effects_section(eff),
         *_topic_section(runs),
         *_diagnostics_section(runs),
+        *_ranking_section(runs),
         *_retrieval_section(runs),
+        *_attribution_section(runs),
+        *_fine_tune_only_section(runs),
         # why a config won: train vs test, near-duplicates, the split's leakage
         *_train_vs_test(runs),
         *_near_dup_split(runs),
@@ -360,6 +381,134 @@ def _retrieval_section(runs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _ranking_section(runs: list[dict[str, Any]]) -> list[str]:
+    """Recall@k, MRR, nDCG@k against the gold chunks and answer-in-context, per RAG config."""
+    shown = [r for r in runs if any(m in r["ci"] for m in RANKING)]
+    if not shown:
+        return []
+    ks = [r["params"].get("retriever.k", "") for r in shown]
+    k_column = len(set(ks)) > 1
+    return [
+        "\n## Retrieval (against the gold chunks)\n",
+        "k is the number of passages retrieved; answer in context is the share of the "
+        "reference's content words found in them (it needs no gold).\n",
+        _table(
+            [
+                "config",
+                *(["k"] if k_column else []),
+                *(f"{v} {arrow(m)}" for m, v in RANKING.items()),
+            ],
+            [
+                [r["label"], *([k] if k_column else [])]
+                + [fmt_ci(r["ci"][m]) if m in r["ci"] else "–" for m in RANKING]
+                for r, k in zip(shown, ks)
+            ],
+        ),
+    ]
+
+
+def _cell_counts(run: dict[str, Any]) -> dict[str, int]:
+    """How many of a run's items fall in each attribution cell (items with gold only)."""
+    return {
+        cell: sum(int(it.scores.get(cell) == 1.0) for it in run["items"])
+        for cell in ATTRIBUTION_CELLS.values()
+    }
+
+
+def _attribution_section(runs: list[dict[str, Any]]) -> list[str]:
+    """The 2x2 of gold retrieved x answer right per RAG config, and which miss dominates."""
+    shown = [(r, _cell_counts(r)) for r in runs if "retriever_miss" in r["items"][0].scores]
+    if not shown:
+        return []
+    table, verdicts = [], []
+    for run, counts in shown:
+        n = sum(counts.values())
+        for gold in (True, False):
+            cells = [counts[ATTRIBUTION_CELLS[(gold, right)]] for right in (True, False)]
+            table.append(
+                [run["label"], "yes" if gold else "no"]
+                + [f"{c} ({c / n:.0%})" if n else "0" for c in cells]
+            )
+        verdicts.append(f"- **{run['label']}:** {_dominant_miss(counts)}")
+    return [
+        "\n## Where RAG's misses come from\n",
+        "Items with known gold chunks: was one retrieved, was the answer right "
+        "(`metrics.attribution`)? A wrong answer without the gold chunk is the retriever's "
+        "miss, one with it the generator's.\n",
+        _table(["config", "gold retrieved", "answer right", "answer wrong"], table),
+        "",
+        *verdicts,
+    ]
+
+
+def _dominant_miss(counts: dict[str, int]) -> str:
+    """One line: which of the retriever's and the generator's misses is the larger."""
+    retriever, generator = counts["retriever_miss"], counts["generator_miss"]
+    misses = retriever + generator
+    if not misses:
+        return "no misses."
+    split = f"{retriever} of {misses} misses had no gold chunk retrieved, {generator} had one"
+    if retriever == generator:
+        return f"{split}: neither dominates."
+    return f"{split}: the {'retriever' if retriever > generator else 'generator'} dominates."
+
+
+def _base_run(lora: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The base-model run a fine-tune's run is compared with: same retriever, same LLM."""
+    base = FINE_TUNE_BASE.get(lora["tags"].get("qa_lab.variant", ""))
+
+    def setup(run: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: v for k, v in run["params"].items() if k.startswith("retriever.") or k == "llm.name"
+        }
+
+    return next(
+        (r for r in runs if r["tags"].get("qa_lab.variant") == base and setup(r) == setup(lora)),
+        None,
+    )
+
+
+def _paired_correct(
+    lora: dict[str, Any], base: dict[str, Any]
+) -> tuple[dict[str, int], list[EvalRow]]:
+    """Counts of (LoRA right?, base right?) by item id, and the items only LoRA got right.
+
+    Items unscored on either side (an unparseable judge verdict: NaN) are left out.
+    """
+    right = {it.item_id: it.scores.get("correct") for it in base["items"]}
+    names = {(1.0, 1.0): "both", (1.0, 0.0): "only LoRA", (0.0, 1.0): "only base"}
+    counts = dict.fromkeys(("only LoRA", "only base", "both", "neither"), 0)
+    only_lora: list[EvalRow] = []
+    for it in lora["items"]:
+        pair = (it.scores.get("correct"), right.get(it.item_id))
+        if all(v in (0.0, 1.0) for v in pair):
+            counts[names.get(pair, "neither")] += 1
+            if pair == (1.0, 0.0):
+                only_lora.append(it)
+    return counts, only_lora
+
+
+def _fine_tune_only_section(runs: list[dict[str, Any]]) -> list[str]:
+    """Items right only under LoRA, only under the base model, both, neither, and examples."""
+    table, examples = [], []
+    for lora in runs:
+        base = _base_run(lora, runs)
+        if base is None or not all("correct" in r["items"][0].scores for r in (lora, base)):
+            continue
+        counts, only_lora = _paired_correct(lora, base)
+        table.append([lora["label"], base["label"], *counts.values()])
+        examples += [f"- {lora['label']}: {it.question}" for it in only_lora[:3]]
+    if not table:
+        return []
+    return [
+        "\n## What only the fine-tune got right\n",
+        "Each LoRA run against the base model's run with the same retriever (vanilla for "
+        "lora, rag for rag_lora), item by item on `correct` (`metrics.attribution`).\n",
+        _table(["LoRA run", "base run", "only LoRA", "only base", "both", "neither"], table),
+        *(["", "Questions only the fine-tune got right:", *examples] if examples else []),
+    ]
+
+
 def _side_by_side_section(runs: list[dict[str, Any]]) -> list[str]:
     """Six fixed items (seeded by id): every config's answer under the question."""
     md = ["\n## Side by side\n"]
@@ -460,12 +609,22 @@ def _leakage_audit(runs: list[dict[str, Any]]) -> list[str]:
     """The split's leakage audit (logged by the dataset build, carried by each evaluate run)."""
     metrics = runs[0]["metrics"]
     audit = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("leakage/")}
+    overlap = audit.pop("evidence_overlap", None)
     if not audit:
         return []
     rows = [[k, f"{v:.3f}" if k.endswith("rate") else f"{v:.0f}"] for k, v in sorted(audit.items())]
+    shared = []
+    if overlap is not None and not math.isnan(overlap):
+        shared = [
+            "",
+            f"Evidence overlap {overlap:.3f}: the share of test items whose gold chunk also holds "
+            "a training item's answer. Facts shared through the corpus are the design (the "
+            "fine-tune is meant to learn them); the question leakage above is what must stay low.",
+        ]
     return [
         "\n## Leakage audit of the split (test vs train, from the dataset build)\n",
         _table(["measure", "value"], rows),
+        *shared,
     ]
 
 

@@ -1,14 +1,24 @@
-"""How good the retrieved context was per item, and whether the answer copied it.
+"""How good the retrieved context was per item, whether the answer copied it, who missed.
 
-Scored from the passages the run logged, independently of the generator. The retrieved answers
-are compared with the reference in the `embedder` group's space (the model the FAISS retriever
-uses), so "best cosine" means the same as the retriever's own similarity.
+Scored from the passages the run logged, independently of the generator. A passage is a corpus
+chunk (`text`) or a training pair (`answer`); its `content` is whichever it has. The retrieved
+content is compared with the reference in the `embedder` group's space (the model the FAISS
+retriever uses), so "best cosine" means the same as the retriever's own similarity.
+
+Items whose gold chunks are known (`EvalRow.gold`) also get ranking metrics (recall@k, nDCG@k,
+reciprocal rank) and a failure attribution: a wrong answer is the retriever's miss when no gold
+chunk was retrieved, the generator's when one was.
+
+Ranking metrics come from `ir_measures` (pytrec_eval backend, ~0.2 s on its first call). Not
+ranx: its numba JIT took 70 s on its first call on the 2-core dev machine (10 s after that).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +26,25 @@ import numpy as np
 
 from qa_lab.lexical import rouge_l_f1
 
+# Per-item ranking columns (NaN for items without gold or without retrieved passages).
+RANKING_COLUMNS = ("recall_at_k", "ndcg_at_k", "mrr", "gold_retrieved")
+# The failure-attribution cells: (gold chunk retrieved?, answer right?) -> cell.
+ATTRIBUTION_CELLS = {
+    (False, False): "retriever_miss",
+    (True, False): "generator_miss",
+    (False, True): "parametric_hit",
+    (True, True): "both_right",
+}
+_WORD = re.compile(r"[a-z0-9]+")
+
 
 def _get(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def content(passage: Any) -> str:
+    """What a passage (a dict or a `Passage`) gives the generator: chunk text, else pair answer."""
+    return str(_get(passage, "text") or _get(passage, "answer") or "")
 
 
 def retrieval_scores(
@@ -33,12 +59,12 @@ def retrieval_scores(
 ) -> dict[str, list[float]]:
     """Per-item retrieval quality and copying; items without passages get NaN.
 
-    `retrieved[i]` holds {answer, score} passages (dicts or `Passage`s). Returns the top-1
+    `retrieved[i]` holds passages with a score (dicts or `Passage`s). Returns the top-1
     similarity the retriever reported, and the best ROUGE-L F1 and best cosine (`embedder`)
-    of any retrieved answer against the reference.
+    of any retrieved `content` against the reference.
 
     It also says whether the generator *copied*: `copy_rougeL` is the prediction's best
-    ROUGE-L F1 against a retrieved answer and `copied` flags it at `copy_threshold` or more.
+    ROUGE-L F1 against a retrieved content and `copied` flags it at `copy_threshold` or more.
     A RAG win made of copies of near-duplicate training answers is leakage, not reasoning.
     """
     top1: list[float] = []
@@ -54,7 +80,7 @@ def retrieval_scores(
             copy_rouge.append(math.nan)
             continue
         top1.append(max(float(_get(p, "score")) for p in passages))
-        answers = [str(_get(p, "answer") or "") for p in passages]
+        answers = [content(p) for p in passages]
         # each answer as a prediction against the reference; the prediction against them all
         best_rouge.append(max(rouge_l_f1(answers, [ref] * len(answers), stemmer=stemmer)))
         copy_rouge.append(rouge_l_f1([predictions[item]], [answers], stemmer=stemmer)[0])
@@ -90,3 +116,112 @@ def _best_cosine(
         sims = np.einsum("ij,ij->i", ans_vecs, ref_vecs[owner_idx]).astype(float)
         np.fmax.at(best, owner_idx, sims)  # fmax: NaN (no value yet) loses to any number
     return best.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# ranking against the gold chunks
+
+
+def gold_retrieved(passages: Sequence[Any] | None, gold: Sequence[str] | None) -> float:
+    """1.0 when any retrieved passage is a gold chunk, 0.0 when none is; NaN when unknown.
+
+    Unknown: the item has no gold (None or empty) or nothing was retrieved.
+    """
+    if not gold or not passages:
+        return math.nan
+    gold_ids = set(gold)
+    return float(any(str(_get(p, "item_id")) in gold_ids for p in passages))
+
+
+def _ranked(passages: Sequence[Any]) -> dict[str, float]:
+    """The retriever's ranking as an ir_measures run: {passage id: len - rank}, best first.
+
+    The retriever's own scores can tie, and trec_eval breaks ties by document id, not by the
+    order the generator saw; strictly decreasing scores make the library rank exactly as the
+    tuple does. A passage listed twice keeps its best rank.
+    """
+    run: dict[str, float] = {}
+    for rank, passage in enumerate(passages):
+        run.setdefault(str(_get(passage, "item_id")), float(len(passages) - rank))
+    return run
+
+
+def ranking_scores(
+    retrieved: Sequence[Sequence[Any] | None], gold: Sequence[Sequence[str] | None]
+) -> dict[str, list[float]]:
+    """Per-item recall@k, nDCG@k (binary relevance), reciprocal rank and `gold_retrieved`.
+
+    k is the number of passages retrieved for the item (the run's `retriever.k`), so items
+    are scored in groups of equal k. Qrels are {item: {gold id: 1}}, the run is `_ranked`.
+    Items without gold or without passages get NaN (left out of means and CIs).
+    """
+    import ir_measures
+    from ir_measures import RR, R, nDCG
+
+    out = {name: [math.nan] * len(retrieved) for name in RANKING_COLUMNS}
+    by_k: dict[int, list[int]] = {}
+    for item, (passages, ids) in enumerate(zip(retrieved, gold)):
+        out["gold_retrieved"][item] = gold_retrieved(passages, ids)
+        if ids and passages:
+            by_k.setdefault(len(passages), []).append(item)
+    for k, items in by_k.items():
+        measures = {R @ k: "recall_at_k", nDCG @ k: "ndcg_at_k", RR: "mrr"}
+        qrels = {str(i): dict.fromkeys(map(str, gold[i] or ()), 1) for i in items}
+        run = {str(i): _ranked(retrieved[i] or ()) for i in items}
+        for metric in ir_measures.iter_calc(list(measures), qrels, run):
+            out[measures[metric.measure]][int(metric.query_id)] = float(metric.value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# answer in context
+
+
+@lru_cache(maxsize=1)
+def _stopwords() -> frozenset[str]:
+    """scikit-learn's English stop words: the list `topics` names TF-IDF clusters with.
+
+    (sentence-transformers imports scikit-learn already, so this costs no extra import.)
+    """
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS)
+
+
+def content_words(text: str) -> set[str]:
+    """Lowercased alphanumeric tokens of `text`, stop words dropped."""
+    stop = _stopwords()
+    return {w for w in _WORD.findall(text.lower()) if w not in stop}
+
+
+def answer_in_context(passages: Sequence[Any] | None, reference: str) -> float:
+    """Share of the reference's distinct content words found in the retrieved content.
+
+    How much of the answer the context spells out, word by word; it needs no gold, so it
+    also scores `corpus=train_qa` runs. NaN without passages or when the reference has
+    no content words (nothing to find).
+    """
+    words = content_words(reference)
+    if not passages or not words:
+        return math.nan
+    found = content_words(" ".join(content(p) for p in passages))
+    return len(words & found) / len(words)
+
+
+# --------------------------------------------------------------------------------------------
+# failure attribution
+
+
+def attribution(correct: Sequence[float], gold_hit: Sequence[float]) -> dict[str, list[float]]:
+    """One-hot `ATTRIBUTION_CELLS` columns per item from answer correctness and gold retrieval.
+
+    `correct` and `gold_hit` are 1.0/0.0 per item; an item where either is NaN (no gold, no
+    retrieval, no verdict) gets NaN in every cell, so cell counts add up to the items with both.
+    """
+    out: dict[str, list[float]] = {cell: [] for cell in ATTRIBUTION_CELLS.values()}
+    for ok, hit in zip(correct, gold_hit):
+        known = not (math.isnan(ok) or math.isnan(hit))
+        cell = ATTRIBUTION_CELLS[(bool(hit), bool(ok))] if known else None
+        for name, values in out.items():
+            values.append(float(name == cell) if known else math.nan)
+    return out

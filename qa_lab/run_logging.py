@@ -43,11 +43,15 @@ def _table_row(row: EvalRow) -> dict[str, Any]:
     """
     cells = row.to_dict()
     scores = cells.pop("scores", None) or {}
+    if "gold" in cells:
+        cells["gold"] = " ".join(cells["gold"])
     for bulky in ("prompt", "messages"):
         cells.pop(bulky, None)
     passages = cells.pop("retrieved", [])
     cells["retrieved"] = "\n\n".join(
-        f"[{x['score']}] {x['question']} -> {x['answer']}" for x in passages
+        f"[{x['score']}{' gold' if x.get('gold') else ''}] "
+        + (x["text"] if "text" in x else f"{x['question']} -> {x['answer']}")
+        for x in passages
     )
     return {**cells, **scores}
 
@@ -94,3 +98,19 @@ def log_dataset(folder: Path, key: str) -> None:
     log_artifacts(folder / "manifest.json")
     splits = {name: datastore.read_split(folder, name) for name in datastore.SPLITS}
     log_figure(figures.split_topics(splits, topics.get("source")), "topic_distribution.png")
+
+
+def log_corpus(folder: Path, key: str) -> None:
+    """A corpus run: counts, skipped files, token statistics, the chunks as an input, a figure."""
+    from qa_lab import figures
+
+    manifest = read_manifest(folder)
+    chunks = read_jsonl(folder / "chunks.jsonl")
+    log_metrics({f"count/{k}": v for k, v in manifest["counts"].items()})
+    log_metrics({f"skipped/{k}": v for k, v in manifest.get("skipped", {}).items()})
+    log_metrics({f"tokens/{k}": v for k, v in manifest["tokens"].items()})
+    log_params({f"chunking.{k}": v for k, v in manifest["chunking"].items()})
+    log_input(chunks, f"corpus-{key[:8]}", "corpus", manifest["files"]["chunks.jsonl"])
+    log_artifacts(folder / "manifest.json")
+    size = int(manifest["chunking"]["size"])
+    log_figure(figures.chunk_lengths([c["tokens"] for c in chunks], size), "chunk_lengths.png")

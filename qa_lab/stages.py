@@ -17,8 +17,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from qa_lab import (
+    corpus,
     dataset,
     datastore,
+    evidence,
     keys,
     lineage,
     loading,
@@ -50,12 +52,25 @@ def dataset_key(cfg: DictConfig) -> str:
         from qa_lab.models import pick_device
 
         device = pick_device("auto")
+    source = cfg.dataset.source
+    if not source and not _from_corpus(cfg):
+        raise QaLabError(
+            "dataset.source is not set: a QA file is needed unless "
+            "dataset.synthesis.mode=from_corpus writes the QA pairs from the corpus"
+        )
     return keys.dataset_key(
         to_dict(cfg.dataset),
-        source_hash=datastore.source_hash(Path(cfg.dataset.source)),
+        source_hash=datastore.source_hash(Path(source)) if source else "none",
         embedder=cfg.embedder.name,
         synthesis_device=device,
+        corpus=build_corpus(cfg).key if _from_corpus(cfg) else None,
     )
+
+
+def _from_corpus(cfg: DictConfig) -> bool:
+    """Whether the QA pairs are synthesised from the corpus's chunks."""
+    synthesis = cfg.dataset.synthesis
+    return synthesis.backend != "none" and synthesis.mode == "from_corpus"
 
 
 def dataset_folder(cfg: DictConfig) -> tuple[Path, str]:
@@ -96,12 +111,12 @@ def _build_dataset_into(cfg: DictConfig, key: str, out: Path) -> dict[str, Any]:
     opts = dataset.DatasetOptions.from_cfg(cfg.dataset)
     embed = _question_embedder(cfg)
     loaded, items, lineage_note = _load_items(opts, embed)
+    if cfg.corpus.kind == "folder" and any(it.evidence for it in items):
+        evidence.check_documents(items, build_corpus(cfg), where=str(opts.source))
     counts: dict[str, int] = {"loaded": len(items)}
     rejects: Counter[str] = Counter()
     if opts.synthesis.backend != "none":
-        generated, rejects = synthesis.synthesize(
-            opts.synthesis, items, embed, cache_dir=cfg.paths.cache, models_dir=cfg.paths.models
-        )
+        generated, rejects = _synthesize(cfg, opts, items, embed)
         items = items + generated
         counts["synthetic_kept"] = len(generated)
         counts["synthetic_rejected"] = sum(rejects.values())
@@ -124,6 +139,17 @@ def _build_dataset_into(cfg: DictConfig, key: str, out: Path) -> dict[str, Any]:
     }
 
 
+def _synthesize(
+    cfg: DictConfig, opts: dataset.DatasetOptions, items: list[QAItem], embed: Any
+) -> tuple[list[QAItem], Counter[str]]:
+    """Synthetic QA pairs: from the corpus's chunks, or grown from the loaded seed rows."""
+    where = {"cache_dir": cfg.paths.cache, "models_dir": cfg.paths.models}
+    if opts.synthesis.mode == "from_corpus":
+        chunks = build_corpus(cfg).chunks
+        return synthesis.synthesize_from_corpus(opts.synthesis, chunks, **where)
+    return synthesis.synthesize(opts.synthesis, items, embed, **where)
+
+
 def _question_embedder(cfg: DictConfig) -> Callable[..., Any]:
     """The configured embedder over the embedding cache: texts -> unit vectors."""
     from qa_lab.retrieval import embed
@@ -140,6 +166,11 @@ def _load_items(
     opts: dataset.DatasetOptions, embed: Callable[..., Any]
 ) -> tuple[loading.Loaded, list[QAItem], str]:
     """Load the source (printing what was recognised) and give it lineage; names the lineage."""
+    if opts.source is None:  # from_corpus without a QA file
+        empty = loading.Loaded(
+            items=[], mapping=dict.fromkeys(loading.FIELDS), skipped={}, topics={}
+        )
+        return empty, [], "chunk of each synthesised pair"
     loaded = loading.load_items(
         opts.source,
         encoding=opts.encoding,
@@ -170,17 +201,86 @@ def build_dataset_main(cfg: DictConfig) -> None:
     print(folder)
 
 
+# --------------------------------------------------------------------------- corpus
+
+
+def corpus_for(cfg: DictConfig, data_folder: Path) -> corpus.Corpus:
+    """This config's corpus: the chunked documents (`corpus=folder`) or the training pairs."""
+    if corpus.CorpusOptions.from_cfg(cfg.corpus).kind == "train_qa":
+        train_hash = read_manifest(data_folder)["files"]["train.jsonl"]
+        return corpus.from_train(datastore.read_split(data_folder, "train"), train_hash)
+    return build_corpus(cfg)
+
+
+def build_corpus(cfg: DictConfig) -> corpus.Corpus:
+    """Read and chunk the corpus folder once per key, log it as a corpus run once."""
+    opts = corpus.CorpusOptions.from_cfg(cfg.corpus)
+    if opts.kind != "folder":
+        raise QaLabError(
+            f"corpus={opts.kind} has no documents to read (its passages are the training "
+            "pairs); synthesis from the corpus and continued pretraining need corpus=folder"
+        )
+    key = keys.corpus_key(
+        to_dict(cfg.corpus),
+        to_dict(cfg.chunking),
+        files_hash=corpus.files_hash(opts),
+        tokenizer=cfg.embedder.name,
+    )
+    folder = Path(cfg.paths.cache) / "corpus" / key
+    if not is_finished(folder):
+        _build_corpus_folder(cfg, opts, key, folder)
+    with lock(folder, "mlflow"):
+        if tracking.find_finished_run("corpus", key, tracking.configure(cfg.tracking)) is None:
+            with tracking.start_run(cfg, stage="corpus", key=key, tags={"corpus_key": key}):
+                run_logging.log_corpus(folder, key)
+    return corpus.load_folder(folder, key)
+
+
+def _build_corpus_folder(
+    cfg: DictConfig, opts: corpus.CorpusOptions, key: str, folder: Path
+) -> None:
+    """Chunk sizes checked against the embedder, then read -> chunk -> write, once."""
+    from qa_lab.retrieval import embedder_max_tokens, embedder_tokenizer
+
+    chunk_opts = corpus.ChunkingOptions.from_cfg(cfg.chunking)
+    limit = embedder_max_tokens(cfg.embedder.name)
+    if chunk_opts.size > limit:  # the embedder would silently cut every longer chunk
+        raise QaLabError(
+            f"chunking.size={chunk_opts.size} is more than {cfg.embedder.name} reads "
+            f"({limit} tokens); choose at most {limit}"
+        )
+    tokenizer = embedder_tokenizer(cfg.embedder.name)
+    build_once(
+        folder,
+        lambda tmp: {
+            "key": key,
+            **corpus.build_into(opts, chunk_opts, tokenizer, tmp),
+            "config": to_dict(cfg.corpus),
+            "version": keys.VERSIONS["corpus"],
+        },
+    )
+
+
+def _gold(cfg: DictConfig, items: list[QAItem], kb: corpus.Corpus) -> list[evidence.Gold | None]:
+    """The items' gold passages in this corpus (named evidence, else inferred)."""
+    threshold = corpus.CorpusOptions.from_cfg(cfg.corpus).gold_threshold
+    return evidence.gold_for(items, kb, _question_embedder(cfg), threshold)
+
+
 # --------------------------------------------------------------------------- training
 
 
-def train_key(cfg: DictConfig, data_key: str) -> str:
-    """Adapter identity: base model, dataset, training config, prompt (and retrieval if used)."""
+def train_key(cfg: DictConfig, data_key: str, cpt_key: str | None = None) -> str:
+    """Adapter identity: base model, dataset, training config, prompt (and retrieval if used).
+
+    `cpt_key`: the continued pretraining this SFT continues (`model.knowledge` corpus/both).
+    """
     context = require_choice("model.context", cfg.model.context, ("none", "retrieved"))
-    retrieval = (
-        {"embedder": cfg.embedder.name, "document": cfg.retriever.document}
-        if context == "retrieved"
-        else None
-    )
+    retrieval = None
+    if context == "retrieved":
+        retrieval = {"embedder": cfg.embedder.name, "document": cfg.retriever.document}
+        if cfg.retriever.kind != "faiss":  # faiss keys stay as they were before other kinds
+            retrieval["retriever"] = keys.without(to_dict(cfg.retriever), ("k",))
     return keys.train_key(
         to_dict(cfg.model),
         prompt=to_dict(cfg.prompt),
@@ -188,6 +288,35 @@ def train_key(cfg: DictConfig, data_key: str) -> str:
         data_key=data_key,
         model=keys.model_id(to_dict(cfg.llm)),
         retrieval=retrieval,
+        cpt=cpt_key,
+    )
+
+
+def _knowledge(cfg: DictConfig) -> str:
+    """`model.knowledge`, refused when it asks to learn a corpus there is none of."""
+    from qa_lab.training import KNOWLEDGE
+
+    knowledge = require_choice("model.knowledge", cfg.model.get("knowledge") or "qa", KNOWLEDGE)
+    if knowledge != "qa" and cfg.corpus.kind != "folder":
+        raise QaLabError(
+            f"model.knowledge={knowledge} learns a document corpus, but corpus={cfg.corpus.kind} "
+            "has none (its passages are the SFT's own training pairs); use corpus=folder or "
+            "model.knowledge=qa"
+        )
+    return knowledge
+
+
+def cpt_key(cfg: DictConfig, data_key: str) -> str | None:
+    """The continued pretraining's key (None for `model.knowledge=qa`)."""
+    knowledge = _knowledge(cfg)
+    if knowledge == "qa":
+        return None
+    return keys.cpt_key(
+        to_dict(cfg.model),
+        knowledge=knowledge,
+        corpus=build_corpus(cfg).key,
+        data_key=data_key if knowledge == "both" else None,
+        model=keys.model_id(to_dict(cfg.llm)),
     )
 
 
@@ -205,10 +334,13 @@ def adapter_for(cfg: DictConfig) -> tuple[Path, str]:
             )
         return folder, f"given:{file_sha256(folder / 'adapter_config.json')[:16]}"
     data_folder = build_dataset(cfg)
-    key = train_key(cfg, read_manifest(data_folder)["key"])
+    data_key = read_manifest(data_folder)["key"]
+    upstream = cpt_key(cfg, data_key)
+    key = train_key(cfg, data_key, upstream)
     folder = Path(cfg.paths.cache) / "adapters" / key
     if not is_finished(folder):
-        _train_adapter(cfg, data_folder, key, folder)
+        init = _cpt_adapter(cfg, data_folder, upstream) if upstream else None
+        _train_adapter(cfg, data_folder, key, folder, init)
     return folder, key
 
 
@@ -218,7 +350,7 @@ def _require_trained_adapter(cfg: DictConfig) -> None:
     Training it here would put a second model on a GPU that the server already fills.
     """
     data_folder, data_key = dataset_folder(cfg)
-    adapter = Path(cfg.paths.cache) / "adapters" / train_key(cfg, data_key)
+    adapter = Path(cfg.paths.cache) / "adapters" / train_key(cfg, data_key, cpt_key(cfg, data_key))
     if not (is_finished(data_folder) and is_finished(adapter)):
         raise QaLabError(
             "model=lora with llm.backend=openai: this config's adapter is not trained; run "
@@ -226,8 +358,42 @@ def _require_trained_adapter(cfg: DictConfig) -> None:
         )
 
 
-def _train_adapter(cfg: DictConfig, data_folder: Path, key: str, folder: Path) -> None:
-    """Train this config's adapter into `folder` under a train run (or reuse a twin's)."""
+def _cpt_adapter(cfg: DictConfig, data_folder: Path, key: str) -> Path:
+    """The continued-pretraining adapter of `key`, trained under a cpt run when missing."""
+    from qa_lab import training
+
+    folder = Path(cfg.paths.cache) / "adapters" / key
+    if is_finished(folder):
+        return folder
+    kb = build_corpus(cfg)
+    texts = training.cpt_texts(
+        _knowledge(cfg), kb.texts, datastore.read_split(data_folder, "train")
+    )
+    tags = {"cpt_key": key, "corpus_key": kb.key}
+    with tracking.start_run(cfg, stage="cpt", key=key, variant="lora", tags=tags):
+        folder, built = build_once(
+            folder,
+            lambda tmp: {"key": key, "summary": _fit_cpt(cfg, texts, tmp)},
+        )
+        _log_training(folder, built, "cpt_adapter")
+    return folder
+
+
+def _log_training(folder: Path, built: bool, artifact: str) -> None:
+    """A training run's summary numbers, whether it reused a twin's folder, the adapter."""
+    summary = read_manifest(folder)["summary"]
+    tracking.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+    tracking.set_tags({"reused": str(not built).lower()})
+    tracking.log_artifacts(folder, artifact)
+
+
+def _train_adapter(
+    cfg: DictConfig, data_folder: Path, key: str, folder: Path, init: Path | None
+) -> None:
+    """Train this config's adapter into `folder` under a train run (or reuse a twin's).
+
+    `init`: the continued-pretraining adapter the SFT continues (None: a fresh adapter).
+    """
     train_items = datastore.read_split(data_folder, "train")
     if cfg.model.max_train_rows:
         train_items = train_items[: int(cfg.model.max_train_rows)]
@@ -241,20 +407,17 @@ def _train_adapter(cfg: DictConfig, data_folder: Path, key: str, folder: Path) -
             folder,
             lambda tmp: {
                 **manifest,
-                "summary": _fit(cfg, examples(train_items), examples(val_items), tmp),
+                "summary": _fit(cfg, examples(train_items), examples(val_items), tmp, init),
             },
         )
-        summary = read_manifest(folder)["summary"]
-        tracking.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
-        tracking.set_tags({"reused": str(not built).lower()})
-        tracking.log_artifacts(folder, "adapter")
+        _log_training(folder, built, "adapter")
 
 
 def _context_retriever(cfg: DictConfig, data_folder: Path) -> Any:
     """The retriever whose neighbours go into training prompts (`model.context=retrieved`)."""
     if cfg.model.context != "retrieved":
         return None
-    return _retriever(cfg, data_folder, k=int(cfg.model.context_k))
+    return _retriever(cfg, corpus_for(cfg, data_folder), k=int(cfg.model.context_k))
 
 
 def _sft_examples(cfg: DictConfig, retriever: Any, items: list[QAItem]) -> list[dict[str, Any]]:
@@ -276,7 +439,11 @@ def _sft_examples(cfg: DictConfig, retriever: Any, items: list[QAItem]) -> list[
 
 
 def _fit(
-    cfg: DictConfig, train: list[dict[str, Any]], val: list[dict[str, Any]], out: Path
+    cfg: DictConfig,
+    train: list[dict[str, Any]],
+    val: list[dict[str, Any]],
+    out: Path,
+    init: Path | None,
 ) -> dict[str, Any]:
     """Load the base model, train the LoRA adapter into `out`; returns the training summary."""
     from qa_lab import models, training
@@ -288,8 +455,27 @@ def _fit(
         val_examples=val,
         lora_cfg=cfg.model,
         out_dir=out,
-        log_metrics=lambda metrics, step: tracking.log_metrics(metrics, step=step),
+        log_metrics=_log_step,
+        init_adapter=init,
     )
+
+
+def _fit_cpt(cfg: DictConfig, texts: list[str], out: Path) -> dict[str, Any]:
+    """Load the base model, run the continued pretraining into `out`; returns its summary."""
+    from qa_lab import models, training
+
+    return training.train_cpt(
+        model=models.load_llm(cfg.llm, cfg.paths.models, for_training=True),
+        tokenizer=models.load_tokenizer(cfg.llm, cfg.paths.models),
+        texts=texts,
+        lora_cfg=cfg.model,
+        out_dir=out,
+        log_metrics=_log_step,
+    )
+
+
+def _log_step(metrics: dict[str, float], step: int) -> None:
+    tracking.log_metrics(metrics, step=step)
 
 
 def train_main(cfg: DictConfig) -> None:
@@ -306,23 +492,17 @@ def train_main(cfg: DictConfig) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _retriever(cfg: DictConfig, data_folder: Path, *, k: int | None = None) -> Any:
-    from qa_lab.retrieval import Retriever
+def _retriever(cfg: DictConfig, kb: corpus.Corpus, *, k: int | None = None) -> Any:
+    """The configured retriever over this corpus (`k`: another depth, for training context)."""
+    from qa_lab.retrieval import make_retriever
 
-    kind = cfg.retriever.kind
-    k = int(cfg.retriever.k if k is None else k)
-    if kind == "none":
-        return Retriever("none", 0)
-    manifest = read_manifest(data_folder)
-    return Retriever(
-        kind,
-        k,
-        datastore.read_split(data_folder, "train"),
-        train_hash=manifest["files"]["train.jsonl"],
+    return make_retriever(
+        cfg.retriever,
+        kb,
         embedder=cfg.embedder.name,
-        document=cfg.retriever.document,
         cache_dir=cfg.paths.cache,
         batch_size=int(cfg.embedder.batch_size),
+        k=k,
     )
 
 
@@ -355,8 +535,10 @@ def evaluate(cfg: DictConfig) -> str:
     _check_backend(cfg)
     data_folder = build_dataset(cfg)
     items = _eval_items(opts, data_folder)
+    kb = corpus_for(cfg, data_folder)
+    evidence.check_documents(items, kb, where=str(data_folder / f"{opts.split}.jsonl"))
     adapter, model_key = _model(cfg)
-    retriever = _retriever(cfg, data_folder)
+    retriever = _retriever(cfg, kb)
     passages = retriever.search([it.question for it in items])
     params = generation.GenParams.from_cfg(cfg.generation, int(cfg.seed))
     backend = generation.backend(cfg, params, adapter, model_key)
@@ -368,17 +550,22 @@ def evaluate(cfg: DictConfig) -> str:
         "data_key": read_manifest(data_folder)["key"],
         "model_key": backend.model_key,
         "index_key": retriever.key,
+        "corpus_key": kb.key,
         "eval_set_hash": keys.eval_set_hash(items),
         "split": opts.split,
+        "retriever": retriever.kind,
+        "retriever_k": str(retriever.k),
     }
     key = _predict_key(cfg, backend.model_key, items)
+    detail = f"{retriever.kind}-k{retriever.k}" if retriever.k else None
     with tracking.start_run(
-        cfg, stage="evaluate", key=key, variant=variant_name(cfg), tags=tags
+        cfg, stage="evaluate", key=key, variant=variant_name(cfg), tags=tags, detail=detail
     ) as run_id:
         rows, speed = answer(items, passages, prompts_of_items)
         train = datastore.read_split(data_folder, "train")
-        rows = _with_nearest_train(cfg, opts, rows, train)
-        tracking.log_metrics(datastore.leakage_metrics(data_folder))
+        rows = _with_gold_and_nearest(cfg, opts, rows, (items, train), kb, data_folder)
+        if retriever.kind != "none":
+            tracking.log_metrics({f"retrieval/{k}": v for k, v in retriever.stats().items()})
         score_and_log(cfg, metric_opts, rows, speed)
         sample = datastore.train_sample(train, opts.train_sample, int(cfg.seed))
         if sample:
@@ -412,6 +599,27 @@ def _model(cfg: DictConfig) -> tuple[Path | None, str]:
         return None, keys.model_id(to_dict(cfg.llm))
     adapter, key = adapter_for(cfg)
     return adapter, f"lora:{key}"
+
+
+def _with_gold_and_nearest(
+    cfg: DictConfig,
+    opts: EvalOptions,
+    rows: list[EvalRow],
+    items_and_train: tuple[list[QAItem], list[QAItem]],
+    kb: corpus.Corpus,
+    data_folder: Path,
+) -> list[EvalRow]:
+    """Rows with their gold passages and nearest training question; logs the leakage audit.
+
+    The audit puts question leakage (the split's) next to evidence overlap (the corpus's).
+    """
+    items, train = items_and_train
+    gold = _gold(cfg, items, kb)
+    overlap = evidence.evidence_overlap(gold, _gold(cfg, train, kb))
+    tracking.log_metrics(
+        {**datastore.leakage_metrics(data_folder), "leakage/evidence_overlap": overlap}
+    )
+    return _with_nearest_train(cfg, opts, evidence.mark(rows, gold), train)
 
 
 def _with_nearest_train(

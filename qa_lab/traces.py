@@ -42,19 +42,36 @@ def _active_span(span: Any) -> Iterator[None]:
 def _documents(passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Retrieved passages as MLflow `Document`s (the UI renders them as a document list).
 
-    `doc_uri` and `id` are the source row's item id in the train split, `similarity` the
-    retriever's score.
+    `doc_uri` and `id` are the passage's id (a chunk id, or a training pair's item id),
+    `similarity` the retriever's score; a chunk adds its `document` and `heading`, and a
+    passage of an item with gold its `gold` flag. The content is a chunk's text, or a pair's
+    question and answer.
     """
     from mlflow.entities import Document
 
     return [
         Document(
-            page_content="\n".join(str(p[k]) for k in ("question", "answer") if p.get(k)),
-            metadata={"doc_uri": str(p.get("item_id")), "similarity": p.get("score")},
+            page_content=p.get("text")
+            or "\n".join(str(p[k]) for k in ("question", "answer") if p.get(k)),
+            metadata={
+                "doc_uri": str(p.get("item_id")),
+                "similarity": p.get("score"),
+                **{k: p[k] for k in ("document", "heading", "gold") if p.get(k) is not None},
+            },
             id=str(p.get("item_id")),
         ).to_dict()
         for p in passages
     ]
+
+
+def _gold_tag(row: EvalRow) -> dict[str, str]:
+    """`gold_retrieved: true|false` for an item with gold and passages (a filterable tag)."""
+    import math
+
+    from qa_lab.retrieval_metrics import gold_retrieved
+
+    hit = gold_retrieved(row.retrieved, row.gold)
+    return {} if math.isnan(hit) else {"gold_retrieved": str(hit == 1.0).lower()}
 
 
 def _token_usage(row: EvalRow) -> dict[str, int]:
@@ -200,7 +217,11 @@ def publish_item_traces(
         AssessmentSource(source_type="CODE", source_id=f"qa-lab metrics v{metrics_version}"),
     )
     for row in rows:
-        tags = {"variant": variant, **{k: getattr(row, k) for k in TRACE_TAG_KEYS[1:]}}
+        tags = {
+            "variant": variant,
+            **{k: getattr(row, k) for k in TRACE_TAG_KEYS[1:]},
+            **_gold_tag(row),
+        }
         _publish_item(
             row,
             experiment_id=run.info.experiment_id,

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,7 @@ def start_run(
     variant: str | None = None,
     tags: Mapping[str, str] | None = None,
     log_config: bool = True,
+    detail: str | None = None,
 ) -> Iterator[str]:
     """Open a run (nested under the sweep parent in a multirun) with params, tags and config.
 
@@ -213,7 +215,8 @@ def start_run(
 
     experiment_id = configure(cfg.tracking)
     parent = current_parent_run_id()
-    name = f"{stage}-{variant}-{key[:8]}" if variant else f"{stage}-{key[:8]}"
+    # `detail` (e.g. the retriever and k) makes runs of one variant tell apart in the runs table
+    name = "-".join(filter(None, (stage, variant, detail, key[:8])))
     all_tags = {
         f"{TAG_PREFIX}stage": stage,
         f"{TAG_PREFIX}key": key,
@@ -405,8 +408,11 @@ def log_input(rows: list[dict[str, Any]], name: str, context: str, digest: str) 
     import mlflow
     import pandas as pd
 
-    dataset = mlflow.data.from_pandas(pd.DataFrame(rows), name=name, digest=digest[:36])
-    mlflow.log_input(dataset, context=context)
+    with warnings.catch_warnings():
+        # the schema hint about integer columns concerns model inputs, not a logged dataset
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        dataset = mlflow.data.from_pandas(pd.DataFrame(rows), name=name, digest=digest[:36])
+        mlflow.log_input(dataset, context=context)
 
 
 def find_finished_run(stage: str, key: str, experiment_id: str | None = None) -> str | None:

@@ -7,6 +7,11 @@ end-of-turn token (SmolLM2: `<|im_end|>`), and nothing after it (the template's 
 is dropped). Learning that token is what makes the fine-tuned model stop. TRL then builds the
 labels from the completion mask (`completion_only_loss`), so prompt tokens carry -100.
 
+Continued pretraining (CPT, `model.knowledge=corpus|both`) teaches the adapter the knowledge
+corpus before the SFT: plain causal-LM loss on the chunk texts, through the same trainer (its
+completion mask covers every token), logged under `cpt/…`. The SFT then continues that adapter
+(`init_adapter`), so the result is still one adapter, served as before.
+
 Metrics leave through a plain callable (`log_metrics(metrics, step)`); this module never imports
 mlflow, and transformers' own reporting integrations are switched off (`report_to="none"`) so
 that none of them opens a run of its own.
@@ -20,12 +25,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from qa_lab.errors import QaLabError
+from qa_lab.errors import QaLabError, require_choice
 from qa_lab.models import release
 from qa_lab.prompts import fit_template
+from qa_lab.records import QAItem
 
 MetricsFn = Callable[[dict[str, float], int], None]
 
@@ -37,6 +44,29 @@ METRIC_NAMES = {
     "epoch": "train/epoch",
     "eval_loss": "val/loss",
 }
+# The continued pretraining's own section, so MLflow draws its loss curve apart from the SFT's.
+CPT_METRIC_NAMES = {
+    "loss": "cpt/loss",
+    "learning_rate": "cpt/learning_rate",
+    "grad_norm": "cpt/grad_norm",
+    "epoch": "cpt/epoch",
+}
+# What the fine-tuning arm learns from (`model.knowledge`): the train QA pairs by SFT (qa), or
+# first the corpus chunks by CPT (corpus), or the chunks and the QA pairs as text (both).
+KNOWLEDGE = ("qa", "corpus", "both")
+# run_training's keys that mean the same for continued pretraining (no validation, no cuts).
+CPT_SUMMARY = (
+    "trainable_params",
+    "total_params",
+    "epochs_run",
+    "steps",
+    "train_tokens",
+    "tokens_per_s",
+    "wall_s",
+    "first_train_loss",
+    "final_train_loss",
+    "mean_train_loss",
+)
 # LoRA settings a config may leave out; every other key of conf/model/lora.yaml is required
 # there (the YAML is the one place defaults live).
 LORA_OPTIONAL: dict[str, Any] = {
@@ -153,6 +183,107 @@ def build_sft_dataset(
     return Dataset.from_list(rows), {"truncated": truncated, "dropped": dropped}
 
 
+@dataclass(frozen=True)
+class CptOptions:
+    """The continued pretraining's own schedule (`model.cpt`); the rest comes from `model`."""
+
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    max_length: int  # tokens per window
+
+
+@dataclass(frozen=True)
+class CptCounts:
+    """What became of the CPT texts: kept, cut into windows, dropped as empty."""
+
+    texts: int  # non-empty texts trained on
+    windows: int  # training rows: one per text, more for those longer than max_length
+    split_texts: int  # texts longer than max_length, cut into several windows
+    empty_texts: int  # empty or whitespace-only texts, dropped
+
+
+def cpt_options(lora_cfg: Mapping[str, Any] | Any) -> CptOptions:
+    """The `model.cpt` node, every key required (the YAML is where their defaults live)."""
+    node = _opt(lora_cfg, "cpt")
+    values = {field.name: node.get(field.name) for field in fields(CptOptions)}
+    for key, value in values.items():
+        if value is None:
+            raise QaLabError(f"model.cpt.{key} is not set; see conf/model/lora.yaml")
+    if int(values["max_length"]) < 2:
+        # a window's first token is only context: a 1-token window would carry no loss
+        raise QaLabError(f"model.cpt.max_length={values['max_length']} must be at least 2")
+    return CptOptions(
+        epochs=float(values["epochs"]),
+        learning_rate=float(values["learning_rate"]),
+        batch_size=int(values["batch_size"]),
+        max_length=int(values["max_length"]),
+    )
+
+
+def cpt_texts(
+    knowledge: str, chunk_texts: Sequence[str], train_items: Sequence[QAItem]
+) -> list[str]:
+    """The texts continued pretraining reads for a `model.knowledge` choice (qa: none).
+
+    `both` adds the train QA pairs as plain text, so the facts the SFT later asks for are also
+    learned the way the corpus is (as a passage), not only as chat turns.
+    """
+    require_choice("model.knowledge", knowledge, KNOWLEDGE)
+    if knowledge == "qa":
+        return []
+    texts = list(chunk_texts)
+    if knowledge == "both":
+        texts += [f"Question: {item.question}\nAnswer: {item.answer}" for item in train_items]
+    return texts
+
+
+def _windows(ids: list[int], max_length: int) -> list[list[int]]:
+    """Rows of at most `max_length` tokens in which every token but the first is a target once.
+
+    A row's first token is only context (nothing before it in the row predicts it), so each
+    window after the first starts on the previous window's last token: no token is lost as a
+    target, and no window is a lone token that would carry no loss.
+    """
+    if len(ids) <= max_length:
+        return [ids]
+    step = max_length - 1
+    return [ids[start : start + max_length] for start in range(0, len(ids) - 1, step)]
+
+
+def build_cpt_dataset(
+    tokenizer: Any, texts: Sequence[str], *, max_length: int
+) -> tuple[Any, CptCounts]:
+    """Tokenized `datasets.Dataset` (input_ids, completion_mask all 1) of plain texts, and counts.
+
+    No chat template: the corpus is prose, and the loss covers its tokens only. Each text ends
+    on the tokenizer's eos token, so the model learns where a passage ends (SmolLM2's eos is
+    `<|im_end|>`, the token that also ends an SFT answer). Texts longer than `max_length` are
+    cut into overlapping windows (`_windows`), not truncated: the knowledge in their tail is
+    what the arm is meant to learn.
+
+    Raises:
+        QaLabError: no text has any content.
+    """
+    from datasets import Dataset
+
+    rows: list[dict[str, list[int]]] = []
+    kept = split = empty = 0
+    for text in texts:
+        if not text.strip():
+            empty += 1
+            continue
+        ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        windows = _windows(ids, max_length)
+        kept += 1
+        split += len(windows) > 1
+        rows += [{"input_ids": w, "completion_mask": [1] * len(w)} for w in windows]
+    if not rows:
+        raise QaLabError(f"no text to pretrain on: all {empty} CPT texts are empty")
+    counts = CptCounts(texts=kept, windows=len(rows), split_texts=split, empty_texts=empty)
+    return Dataset.from_list(rows), counts
+
+
 def lora_config(lora_cfg: Mapping[str, Any] | Any) -> Any:
     """PEFT `LoraConfig` for a causal LM from the project's LoRA settings."""
     from peft import LoraConfig
@@ -235,8 +366,8 @@ def sft_config(
     )
 
 
-def _metrics_callback(log_metrics: MetricsFn) -> Any:
-    """A `TrainerCallback` that renames the trainer's logs and hands them to `log_metrics`."""
+def _metrics_callback(log_metrics: MetricsFn, names: Mapping[str, str]) -> Any:
+    """A `TrainerCallback` that renames the trainer's logs (`names`) for `log_metrics`."""
     from transformers import TrainerCallback
 
     class ForwardMetrics(TrainerCallback):
@@ -244,9 +375,9 @@ def _metrics_callback(log_metrics: MetricsFn) -> Any:
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             metrics = {
-                METRIC_NAMES[key]: float(value)
+                names[key]: float(value)
                 for key, value in (logs or {}).items()
-                if key in METRIC_NAMES and isinstance(value, int | float) and math.isfinite(value)
+                if key in names and isinstance(value, int | float) and math.isfinite(value)
             }
             if metrics:
                 log_metrics(metrics, int(state.global_step))
@@ -320,6 +451,82 @@ def _use_all_cpus() -> None:
         torch.set_num_threads(available)
 
 
+def _prepared_base(model: Any) -> Any:
+    """The base model ready for LoRA: a 4-bit (QLoRA) one gets PEFT's k-bit preparation."""
+    if not _is_4bit(model):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def _trainable_adapter(model: Any, adapter_dir: Path) -> Any:
+    """`model` wrapped with a saved adapter whose LoRA weights keep training (SFT after CPT).
+
+    Raises:
+        QaLabError: no adapter in `adapter_dir`, or `model` already carries LoRA layers (the
+            model `train_cpt` trained: the adapter would be stacked onto the CPT's own).
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise QaLabError(f"init_adapter={adapter_dir}: no adapter_config.json there")
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise QaLabError(
+            f"init_adapter={adapter_dir}: the model already has LoRA layers; load a fresh base"
+        )
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def _make_trainer(
+    *,
+    model: Any,
+    tokenizer: Any,
+    args: Any,
+    train_ds: Any,
+    val_ds: Any,
+    lora_cfg: Mapping[str, Any] | Any,
+    peft_config: Any,
+    log_metrics: MetricsFn | None,
+    metric_names: Mapping[str, str],
+) -> Any:
+    """The trainer SFT and CPT share: CPU loss path, metrics under `metric_names`, early stop.
+
+    `peft_config` is None when `model` already is a trainable `PeftModel`: TRL 1.16 refuses a
+    PEFT model given with a second config and otherwise trains the adapter it carries.
+    """
+    import torch
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        _use_all_cpus()
+    # LoRA's A matrices are drawn when TRL wraps the model, before Trainer seeds itself.
+    set_seed(args.seed)
+    callbacks: list[Any] = []
+    if log_metrics is not None:
+        callbacks.append(_metrics_callback(log_metrics, metric_names))
+    if args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(int(_opt(lora_cfg, "early_stopping_patience"))))
+    trainer_class = SFTTrainer if cuda else _cpu_trainer_class()
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
 def build_trainer(
     *,
     model: Any,
@@ -329,22 +536,17 @@ def build_trainer(
     lora_cfg: Mapping[str, Any] | Any,
     out_dir: Path,
     log_metrics: MetricsFn | None = None,
+    init_adapter: Path | None = None,
 ) -> Any:
     """An `SFTTrainer` with the LoRA adapter attached, ready for `run_training`.
 
     Separate from `train_lora` so callers (and tests) can inspect the tokenized data, the
     collated batches and the adapter before training. `model` is modified in place: PEFT
-    injects the LoRA layers into it.
+    injects the LoRA layers into it. With `init_adapter` (the CPT's), that adapter is loaded
+    trainable and continued instead of a fresh one (whose B matrices start at zero).
     """
-    import torch
-    from transformers import EarlyStoppingCallback, set_seed
-    from trl import SFTTrainer
-
     if not train_examples:
         raise QaLabError("no training examples: the train split is empty")
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        _use_all_cpus()
     max_length = int(_opt(lora_cfg, "max_length"))
     train_ds, cut = build_sft_dataset(tokenizer, train_examples, max_length=max_length)
     val_ds = None
@@ -352,32 +554,60 @@ def build_trainer(
         val_ds = build_sft_dataset(tokenizer, val_examples, max_length=max_length)[0]
     checkpoints = Path(out_dir) / CHECKPOINTS
     args = sft_config(lora_cfg, model=model, output_dir=checkpoints, has_val=val_ds is not None)
-    if _is_4bit(model):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=True,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    # LoRA's A matrices are drawn when TRL wraps the model, before Trainer seeds itself.
-    set_seed(args.seed)
-    callbacks: list[Any] = []
-    if log_metrics is not None:
-        callbacks.append(_metrics_callback(log_metrics))
-    if args.load_best_model_at_end:
-        callbacks.append(EarlyStoppingCallback(int(_opt(lora_cfg, "early_stopping_patience"))))
-    trainer_class = SFTTrainer if cuda else _cpu_trainer_class()
-    trainer = trainer_class(
+    model = _prepared_base(model)
+    if init_adapter is not None:
+        model = _trainable_adapter(model, init_adapter)
+    trainer = _make_trainer(
         model=model,
+        tokenizer=tokenizer,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(lora_cfg),
-        callbacks=callbacks,
+        train_ds=train_ds,
+        val_ds=val_ds,
+        lora_cfg=lora_cfg,
+        peft_config=None if init_adapter is not None else lora_config(lora_cfg),
+        log_metrics=log_metrics,
+        metric_names=METRIC_NAMES,
     )
     trainer.qa_lab_truncation = cut  # read back by run_training for the summary
+    return trainer
+
+
+def build_cpt_trainer(
+    *,
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    lora_cfg: Mapping[str, Any] | Any,
+    out_dir: Path,
+    log_metrics: MetricsFn | None = None,
+) -> Any:
+    """The SFT trainer set up for continued pretraining on `texts`, ready for `run_training`.
+
+    The model node's settings with `model.cpt`'s schedule in their place. No validation split:
+    held-out chunks would be knowledge withheld from the arm (whether the arm learned shows in
+    the SFT's val loss and the evaluation), so no early stopping either.
+    """
+    opts = cpt_options(lora_cfg)
+    train_ds, counts = build_cpt_dataset(tokenizer, texts, max_length=opts.max_length)
+    settings = {
+        **dict(lora_cfg),
+        **asdict(opts),
+        "early_stopping_patience": None,
+    }
+    checkpoints = Path(out_dir) / CHECKPOINTS
+    args = sft_config(settings, model=model, output_dir=checkpoints, has_val=False)
+    trainer = _make_trainer(
+        model=_prepared_base(model),
+        tokenizer=tokenizer,
+        args=args,
+        train_ds=train_ds,
+        val_ds=None,
+        lora_cfg=settings,
+        peft_config=lora_config(lora_cfg),
+        log_metrics=log_metrics,
+        metric_names=CPT_METRIC_NAMES,
+    )
+    trainer.qa_lab_cpt_counts = counts  # read back by train_cpt for the summary
     return trainer
 
 
@@ -458,6 +688,7 @@ def train_lora(
     lora_cfg: Mapping[str, Any] | Any,
     out_dir: Path,
     log_metrics: MetricsFn | None = None,
+    init_adapter: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter on prompt/completion examples and save it into `out_dir`.
 
@@ -472,6 +703,8 @@ def train_lora(
             and trainer_log.json (the trainer's log history).
         log_metrics: called as `log_metrics({name: value}, step)` on every log
             (`train/loss`, `train/learning_rate`, `train/grad_norm`, `train/epoch`, `val/loss`).
+        init_adapter: a saved adapter (`train_cpt`'s) to continue instead of a fresh one; its
+            LoRA settings are the ones it was saved with. `model` must be a fresh base then.
 
     Returns:
         A JSON-ready summary: trainable_params, total_params, train_examples,
@@ -489,8 +722,53 @@ def train_lora(
         lora_cfg=lora_cfg,
         out_dir=out_dir,
         log_metrics=log_metrics,
+        init_adapter=init_adapter,
     )
     summary = run_training(trainer, out_dir)
     del trainer  # its optimizer state and the PEFT wrapper: GPU memory the next sweep job needs
     release()
     return summary
+
+
+def train_cpt(
+    *,
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    lora_cfg: Mapping[str, Any] | Any,
+    out_dir: Path,
+    log_metrics: MetricsFn | None = None,
+) -> dict[str, Any]:
+    """Continued pretraining: a LoRA adapter trained on plain texts, saved into `out_dir`.
+
+    The adapter has the SFT's LoRA settings (r, alpha, dropout, target modules), so the SFT can
+    continue it (`train_lora(init_adapter=out_dir)`) into the one adapter that is served.
+
+    Args:
+        model: the base causal LM, as for `train_lora`; LoRA layers are injected into it in
+            place, so the SFT that continues the adapter needs a fresh base.
+        tokenizer: its tokenizer; saved next to the adapter.
+        texts: the CPT texts (`cpt_texts`); empty ones are dropped and counted.
+        lora_cfg: the `model` config group; `model.cpt` gives epochs, learning rate, batch
+            size and window length, everything else (seed, schedule, ...) is the model node's.
+        out_dir: receives the adapter, the tokenizer files and trainer_log.json.
+        log_metrics: called as `log_metrics({name: value}, step)` on every step with
+            `cpt/loss`, `cpt/learning_rate`, `cpt/grad_norm`, `cpt/epoch`.
+
+    Returns:
+        A JSON-ready summary: run_training's `CPT_SUMMARY` keys (train_tokens counts window
+        tokens, eos included) and the `CptCounts` (texts, windows, split_texts, empty_texts).
+    """
+    trainer = build_cpt_trainer(
+        model=model,
+        tokenizer=tokenizer,
+        texts=texts,
+        lora_cfg=lora_cfg,
+        out_dir=out_dir,
+        log_metrics=log_metrics,
+    )
+    summary = run_training(trainer, out_dir)
+    counts = trainer.qa_lab_cpt_counts
+    del trainer  # as in train_lora: memory the SFT that follows needs
+    release()
+    return {**{key: summary[key] for key in CPT_SUMMARY}, **asdict(counts)}

@@ -16,9 +16,13 @@ SHARED_REFERENCE = PROJECT_ROOT.parent / "shared" / "reference" / "rag-technical
 MODELS_DIR = PROJECT_ROOT / ".cache" / "models"
 SEEDS = PROJECT_ROOT / "data" / "seed" / "cs_interview.jsonl"
 # The tiny end-to-end run the slow tests share: no synthesis, 6 test items, short answers,
-# a one-epoch adapter on 16 rows. Tests append their own deltas (the last
+# a one-epoch adapter on 16 rows, RAG over the training pairs and an SFT without continued
+# pretraining (embedding the shipped corpus's ~580 chunks and a pass over them would be most of
+# each test's time; tests/test_corpus.py runs those). Tests append their own deltas (the last
 # value of a key wins in Hydra's override list).
 TINY_RUN = [
+    "corpus=train_qa",
+    "++model.knowledge=qa",
     "dataset.synthesis.backend=none",
     "eval.limit=6",
     "eval.train_sample=0",

@@ -17,7 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus"
 SEEDS = ROOT / "data" / "seed" / "cs_interview.jsonl"
-EVIDENCE = CORPUS / "evidence.jsonl"
 
 MIN_PAGES = 40
 MIN_WORD_COVERAGE = 0.5
@@ -105,8 +104,9 @@ def seeds() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def evidence() -> list[dict]:
-    return load_jsonl(EVIDENCE)
+def evidence(seeds) -> list[dict]:
+    """Each seed row's `evidence` field with the row's id, one row per seed pair."""
+    return [{"id": r["id"], **r["evidence"]} for r in seeds if "evidence" in r]
 
 
 def test_enough_pages_with_slug_names(pages):

@@ -212,3 +212,121 @@ def test_train_vs_test_and_leakage_tables_by_hand():
     assert _numbers(test)[0] == pytest.approx(np.mean(BASE), abs=5e-5)
     leakage = dict(_table(md, "Leakage audit"))
     assert (leakage["near_dup"], leakage["near_dup_rate"]) == ("3", "0.125")
+
+
+# ---------------------------------------------------------------- retrieval, attribution, LoRA
+
+NAN = float("nan")
+GOLD_HIT = [1.0, 1.0, 0.0, 0.0, 1.0, NAN]  # item 5 has no gold chunks
+CORRECT = {
+    "vanilla": [0.0, 0.0, 1.0, 1.0, 0.0, 1.0],
+    "lora": [1.0, 0.0, 1.0, 0.0, 1.0, 1.0],
+    "rag": [1.0, 0.0, 0.0, 1.0, 0.0, 1.0],
+    "rag_lora": [1.0, 1.0, 1.0, 1.0, 0.0, NAN],  # item 5: an unparseable verdict
+}
+
+
+def _scored_grid(rag_k: str = "3", rag_lora_k: str = "5") -> list[dict]:
+    """The 2x2 grid with `correct` on every run, cells on rag, ranking CIs on both RAG runs."""
+    from dataclasses import replace
+
+    from qa_lab.retrieval_metrics import attribution
+
+    runs = _grid()
+    for run in runs:
+        variant = run["name"]
+        columns = {"correct": CORRECT[variant]}
+        if variant == "rag":
+            columns.update(attribution(CORRECT[variant], GOLD_HIT))
+        run["items"] = [
+            replace(it, scores={**it.scores, **{k: v[n] for k, v in columns.items()}})
+            for n, it in enumerate(run["items"])
+        ]
+    for run, k, recall in ((runs[1], rag_k, 0.6), (runs[3], rag_lora_k, 0.8)):
+        run["params"]["retriever.k"] = k
+        run["ci"]["retrieval/recall_at_k"] = {"mean": recall, "low": 0.2, "high": 1.0, "n": 5}
+        run["ci"]["retrieval/mrr"] = {"mean": 0.5, "low": 0.25, "high": 0.75, "n": 5}
+    return runs
+
+
+def test_retrieval_ranking_table_with_k_when_runs_differ():
+    md, _, _ = reporting.build_report(_scored_grid(), BOOT)
+    header = md.split("## Retrieval (against the gold chunks)", 1)[1].split("\n|")[1]
+    assert [c.strip() for c in header.split("|")][:4] == ["config", "k", "recall@k ↑", "MRR ↑"]
+    rows = _table(md, "Retrieval (against the gold chunks)")
+    assert [(r[0], r[1]) for r in rows] == [("rag", "3"), ("rag_lora", "5")]  # RAG runs only
+    assert _numbers(rows[0][2]) == pytest.approx([0.6, 0.2, 1.0])
+    assert _numbers(rows[1][3]) == pytest.approx([0.5, 0.25, 0.75])
+    assert rows[0][4:] == ["–", "–"]  # nDCG@k, answer in context: not scored in this run
+    same_k, _, _ = reporting.build_report(_scored_grid("3", "3"), BOOT)
+    header = same_k.split("## Retrieval (against the gold chunks)", 1)[1].split("\n|")[1]
+    assert [c.strip() for c in header.split("|")][:2] == ["config", "recall@k ↑"]  # no k
+
+
+def test_where_misses_come_from_by_hand():
+    md, _, _ = reporting.build_report(_scored_grid(), BOOT)
+    rows = _table(md, "Where RAG's misses come from")
+    # rag (gold hit, right): i0 (1,1) both; i1 (1,0), i4 (1,0) generator; i2 (0,0) retriever;
+    # i3 (0,1) parametric; i5 no gold. n = 5.
+    assert rows == [
+        ["rag", "yes", "1 (20%)", "2 (40%)"],
+        ["rag", "no", "1 (20%)", "1 (20%)"],
+    ]
+    section = md.split("## Where RAG's misses come from", 1)[1].split("\n## ", 1)[0]
+    assert "1 of 3 misses had no gold chunk retrieved, 2 had one: the generator dominates." in (
+        section
+    )
+
+
+def test_what_only_the_fine_tune_got_right_by_hand():
+    md, _, _ = reporting.build_report(_scored_grid("3", "3"), BOOT)  # the same retriever
+    rows = _table(md, "What only the fine-tune got right")
+    # lora vs vanilla: only LoRA i0, i4; only vanilla i3; both i2, i5; neither i1
+    # rag_lora vs rag: only LoRA i1, i2; both i0, i3; neither i4; i5 unscored (left out)
+    assert rows == [
+        ["lora", "vanilla", "2", "1", "2", "1"],
+        ["rag_lora", "rag", "2", "0", "2", "1"],
+    ]
+    section = md.split("## What only the fine-tune got right", 1)[1].split("\n## ", 1)[0]
+    examples = [line for line in section.splitlines() if line.startswith("- ")]
+    assert examples == ["- lora: q0", "- lora: q4", "- rag_lora: q1", "- rag_lora: q2"]
+    # rag_lora retrieving k=5 has no base run with its retriever: only lora vs vanilla remains
+    other_k, _, _ = reporting.build_report(_scored_grid("3", "5"), BOOT)
+    assert [r[0] for r in _table(other_k, "What only the fine-tune got right")] == ["lora"]
+
+
+def test_runs_without_the_new_columns_render_without_the_new_sections():
+    md, _, _ = reporting.build_report(_grid(), BOOT)
+    assert "## Grid" in md and "## Side by side" in md
+    for heading in (
+        "Retrieval (against the gold chunks)",
+        "Where RAG's misses come from",
+        "What only the fine-tune got right",
+    ):
+        assert f"## {heading}" not in md
+
+
+def test_retriever_sweep_figure_draws_a_line_per_retriever_with_recall():
+    from qa_lab import figures
+
+    def run(kind: str, k: int, quality: float, recall: float | None) -> dict:
+        ci = {"rougeL_f1": {"mean": quality, "low": quality - 0.01, "high": quality + 0.01}}
+        if recall is not None:
+            ci["retrieval/recall_at_k"] = {"mean": recall, "low": recall, "high": recall}
+        variant = "vanilla" if kind == "none" else "rag"
+        return {
+            "tags": {"qa_lab.variant": variant},
+            "params": {"retriever.kind": kind, "retriever.k": str(k)},
+            "ci": ci,
+        }
+
+    runs = [run("none", 0, 0.10, None)] + [
+        run(kind, k, 0.1 + k / 100, k / 10) for kind in ("faiss", "bm25") for k in (1, 3, 5)
+    ]
+    fig = figures.sweep_curves(runs)
+    quality, recall = fig.axes
+    assert [line.get_label() for line in quality.lines] == ["faiss rougeL_f1", "bm25 rougeL_f1"]
+    faiss = quality.lines[0]
+    assert list(faiss.get_xdata()) == [0.0, 1.0, 3.0, 5.0]  # the closed-book point starts it
+    assert list(faiss.get_ydata()) == pytest.approx([0.10, 0.11, 0.13, 0.15])
+    assert list(recall.lines[1].get_ydata()) == pytest.approx([0.1, 0.3, 0.5])

@@ -73,6 +73,7 @@ def test_two_evaluate_runs_publish_paired_item_traces(store, tmp_path):
         *store,
         f"dataset.source={source}",
         "dataset.synthesis.backend=none",
+        "corpus=train_qa",  # RAG over the training pairs: no corpus to embed
         f"eval.limit={LIMIT}",
         "eval.train_sample=0",
         "generation.max_new_tokens=8",

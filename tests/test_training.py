@@ -445,3 +445,237 @@ def test_cpu_loss_equals_stock_trl_loss_on_the_same_batch(
         loss = ours.compute_loss(ours.model, batch).item()
         stock = plain.compute_loss(plain.model, batch).item()
     assert loss == pytest.approx(stock, rel=1e-4)
+
+
+# Continued pretraining (CPT): plain causal-LM loss on corpus-like texts, then the SFT continues
+# the adapter. Made-up facts, so what the adapter learns is not already in the base model.
+CPT_TEXTS = [
+    "The Zorvane scheduler runs every task twice and keeps the faster result.",
+    "In the Quillot file system, directories are called baskets and files are called eggs.",
+    "The Brimmel protocol retries a lost packet after exactly seven heartbeats.",
+    "Tarnish sort splits the list into thirds and merges them from the middle out.",
+]
+
+
+@pytest.fixture(scope="module")
+def cpt_cfg() -> Any:
+    return compose_cfg(
+        "train",
+        [
+            "model.cpt.epochs=3",
+            "model.cpt.learning_rate=1e-3",
+            "model.cpt.batch_size=4",
+            "model.cpt.max_length=64",
+            "model.warmup_ratio=0.0",
+            "model.epochs=1",
+            "model.batch_size=4",
+            "model.max_length=128",
+        ],
+    )
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """What CPT trains on for one short text: its tokens, no template, then eos."""
+    return [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+
+def lm_loss(model: Any, tokenizer: Any, texts: list[str]) -> float:
+    """Mean causal-LM loss per token over the texts (each with its eos), in eval mode."""
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([text_ids(tokenizer, text)])
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
+    return sum(losses) / len(losses)
+
+
+@pytest.fixture(scope="module")
+def cpt_run(llm_cfg, tokenizer, cpt_cfg, tmp_path_factory) -> SimpleNamespace:
+    """One CPT of 3 steps (4 texts, batch 4, 3 epochs) shared by the CPT tests."""
+    out_dir = tmp_path_factory.mktemp("cpt")
+    model = fresh_model(llm_cfg)
+    logged: list[tuple[dict[str, float], int]] = []
+    summary = training.train_cpt(
+        model=model,
+        tokenizer=tokenizer,
+        texts=[*CPT_TEXTS, "  \n"],
+        lora_cfg=cpt_cfg.model,
+        out_dir=out_dir,
+        log_metrics=lambda metrics, step: logged.append((metrics, step)),
+    )
+    return SimpleNamespace(model=model, summary=summary, out_dir=out_dir, logged=logged)
+
+
+def test_cpt_loss_covers_the_text_and_its_eos_only(llm_cfg, tokenizer, cpt_cfg, tmp_path):
+    texts = [CPT_TEXTS[0], "Short.", CPT_TEXTS[1]]
+    trainer = training.build_cpt_trainer(
+        model=fresh_model(llm_cfg),
+        tokenizer=tokenizer,
+        texts=texts,
+        lora_cfg=cpt_cfg.model,
+        out_dir=tmp_path,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(texts))])
+    eos = tokenizer.eos_token_id
+    template_ids = set(tokenizer.all_special_ids) - {eos}  # <|im_start|>, <|endoftext|>
+    for i, text in enumerate(texts):
+        n = int(batch["attention_mask"][i].sum())
+        input_ids = batch["input_ids"][i, :n].tolist()
+        labels = batch["labels"][i].tolist()
+        assert input_ids == text_ids(tokenizer, text)
+        assert labels[:n] == input_ids  # every token of the text, and its eos, is a target
+        assert labels[n:] == [-100] * (len(labels) - n)  # padding carries no loss
+        assert input_ids.count(eos) == 1 and not template_ids & set(input_ids)
+    assert len({int(m.sum()) for m in batch["attention_mask"]}) > 1  # padding was exercised
+
+    # model.cpt's schedule, the model node's everything else, and no validation
+    args, model_cfg = trainer.args, cpt_cfg.model
+    assert (args.num_train_epochs, args.learning_rate, args.per_device_train_batch_size) == (
+        3,
+        1e-3,
+        4,
+    )
+    assert args.seed == model_cfg.seed and args.lr_scheduler_type == model_cfg.lr_scheduler
+    assert args.eval_strategy == "no" and not args.load_best_model_at_end
+    assert trainer.eval_dataset is None
+
+
+def test_long_cpt_text_becomes_windows_that_lose_no_token(tokenizer):
+    long = " ".join(CPT_TEXTS)
+    full = text_ids(tokenizer, long)
+    max_length = 16
+    assert len(full) > 3 * max_length
+    dataset, counts = training.build_cpt_dataset(
+        tokenizer, [long, "", "Short."], max_length=max_length
+    )
+    windows = dataset["input_ids"][: counts.windows - 1]  # the last row is the short text
+    assert counts == training.CptCounts(
+        texts=2, windows=len(windows) + 1, split_texts=1, empty_texts=1
+    )
+    # consecutive windows share one token (a row's first token is context, never a target)
+    assert windows[0] + [t for w in windows[1:] for t in w[1:]] == full
+    assert all(len(w) == max_length for w in windows[:-1]) and 2 <= len(windows[-1]) <= max_length
+    assert all(a[-1] == b[0] for a, b in zip(windows, windows[1:]))
+    assert dataset["input_ids"][-1] == text_ids(tokenizer, "Short.")
+    assert all(all(mask) for mask in dataset["completion_mask"])
+    with pytest.raises(QaLabError, match="empty"):
+        training.build_cpt_dataset(tokenizer, ["", " "], max_length=max_length)
+
+
+def test_cpt_options_are_required_and_a_window_holds_a_target(cpt_cfg):
+    opts = training.cpt_options(cpt_cfg.model)
+    assert opts == training.CptOptions(epochs=3, learning_rate=1e-3, batch_size=4, max_length=64)
+    node = dict(cpt_cfg.model)
+    with pytest.raises(QaLabError, match=r"model\.cpt is not set"):
+        training.cpt_options({k: v for k, v in node.items() if k != "cpt"})
+    with pytest.raises(QaLabError, match=r"model\.cpt\.learning_rate"):
+        training.cpt_options({**node, "cpt": {"epochs": 1, "batch_size": 8, "max_length": 64}})
+    with pytest.raises(QaLabError, match=r"model\.cpt\.max_length=1"):
+        training.cpt_options({**node, "cpt": {**dict(cpt_cfg.model.cpt), "max_length": 1}})
+
+
+def test_cpt_learns_the_texts_logs_under_cpt_and_saves_the_adapter(
+    cpt_run, base_model, llm_cfg, tokenizer
+):
+    s = cpt_run.summary
+    assert (s["texts"], s["windows"], s["split_texts"], s["empty_texts"]) == (4, 4, 0, 1)
+    assert s["steps"] == 3 and s["epochs_run"] == pytest.approx(3)
+    assert s["train_tokens"] == 3 * sum(len(text_ids(tokenizer, t)) for t in CPT_TEXTS)
+    assert s["final_train_loss"] < s["first_train_loss"] and s["tokens_per_s"] > 0
+    assert not {"val_loss_per_epoch", "truncated_examples"} & set(s)
+
+    steps = [(m, step) for m, step in cpt_run.logged if "cpt/loss" in m]
+    assert [step for _, step in steps] == [1, 2, 3]
+    assert all(
+        {"cpt/loss", "cpt/learning_rate", "cpt/grad_norm", "cpt/epoch"} <= set(m) for m, _ in steps
+    )
+    assert all(name.startswith("cpt/") for m, _ in cpt_run.logged for name in m)
+
+    files = {p.name for p in cpt_run.out_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", training.TRAINER_LOG} <= files
+    assert "tokenizer.json" in files and training.CHECKPOINTS not in files
+    # the saved adapter, on a fresh base, models the texts better than the base model does
+    before = lm_loss(base_model, tokenizer, CPT_TEXTS)
+    after = lm_loss(
+        models.with_adapter(models.load_llm(llm_cfg, MODELS_DIR), cpt_run.out_dir),
+        tokenizer,
+        CPT_TEXTS,
+    )
+    print(f"CPT texts: loss {before:.3f} -> {after:.3f}")
+    assert after < 0.8 * before
+
+
+def test_sft_continues_the_cpt_adapter_into_one_servable_adapter(
+    cpt_run, llm_cfg, tokenizer, examples, cpt_cfg, tmp_path
+):
+    cpt_weights = load_file(cpt_run.out_dir / "adapter_model.safetensors")
+    trainer = training.build_trainer(
+        model=fresh_model(llm_cfg),
+        tokenizer=tokenizer,
+        train_examples=examples[:4],
+        val_examples=[],
+        lora_cfg=cpt_cfg.model,
+        out_dir=tmp_path,
+        init_adapter=cpt_run.out_dir,
+    )
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert all(trainer.model.get_parameter(n).requires_grad for n in lora)
+    lora_b = [p for n, p in lora.items() if "lora_B" in n]
+    # step 0 is the CPT's adapter (a fresh one's B matrices are all zero)
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    assert len(lora) == len(cpt_weights)
+    saved = {n.replace(".default", ""): p for n, p in lora.items()}
+    assert all(torch.equal(saved[n], cpt_weights[n]) for n in cpt_weights)
+
+    summary = training.run_training(trainer, tmp_path)
+    assert summary["steps"] == 1
+    sft_weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert set(sft_weights) == set(cpt_weights)  # one adapter, the same tensors, trained on
+    assert any(not torch.equal(sft_weights[n], cpt_weights[n]) for n in cpt_weights)
+
+    served = models.with_adapter(models.load_llm(llm_cfg, MODELS_DIR), tmp_path)
+    batch = tokenizer(
+        [render_prompt(tokenizer, ex["prompt"]) for ex in examples[:2]],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    with torch.no_grad():
+        trained_logits = trainer.model(**batch).logits
+        served_logits = served(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(served_logits[mask], trained_logits[mask], atol=1e-3, rtol=1e-4)
+
+
+def test_init_adapter_needs_an_adapter_and_a_fresh_base(cpt_run, tokenizer, examples, cpt_cfg):
+    def build(model: Any, adapter: Any) -> Any:
+        return training.build_trainer(
+            model=model,
+            tokenizer=tokenizer,
+            train_examples=examples[:2],
+            val_examples=[],
+            lora_cfg=cpt_cfg.model,
+            out_dir=cpt_run.out_dir / "unused",
+            init_adapter=adapter,
+        )
+
+    with pytest.raises(QaLabError, match="adapter_config.json"):
+        build(cpt_run.model, cpt_run.out_dir / "missing")
+    # the model train_cpt trained carries LoRA layers in place: a second adapter would stack
+    with pytest.raises(QaLabError, match="already has LoRA layers"):
+        build(cpt_run.model, cpt_run.out_dir)
+
+
+def test_cpt_texts_follow_the_knowledge_choice():
+    chunks = ["Chunk one.", "Chunk two."]
+    items = [QAItem(id="q1", question="What is X?", answer="X is Y.")]
+    assert training.KNOWLEDGE == ("qa", "corpus", "both")
+    assert training.cpt_texts("qa", chunks, items) == []
+    assert training.cpt_texts("corpus", chunks, items) == chunks
+    assert training.cpt_texts("both", chunks, items) == [
+        *chunks,
+        "Question: What is X?\nAnswer: X is Y.",
+    ]
+    with pytest.raises(QaLabError, match=r"model\.knowledge='rag'"):
+        training.cpt_texts("rag", chunks, items)
