@@ -63,7 +63,7 @@ def dataset_key(cfg: DictConfig) -> str:
         source_hash=datastore.source_hash(Path(source)) if source else "none",
         embedder=cfg.embedder.name,
         synthesis_device=device,
-        corpus=build_corpus(cfg).key if _from_corpus(cfg) else None,
+        corpus=corpus_key(cfg) if _from_corpus(cfg) else None,
     )
 
 
@@ -212,20 +212,26 @@ def corpus_for(cfg: DictConfig, data_folder: Path) -> corpus.Corpus:
     return build_corpus(cfg)
 
 
-def build_corpus(cfg: DictConfig) -> corpus.Corpus:
-    """Read and chunk the corpus folder once per key, log it as a corpus run once."""
+def corpus_key(cfg: DictConfig) -> str:
+    """The corpus folder's key, from its files' bytes and the config (nothing is built)."""
     opts = corpus.CorpusOptions.from_cfg(cfg.corpus)
     if opts.kind != "folder":
         raise QaLabError(
             f"corpus={opts.kind} has no documents to read (its passages are the training "
             "pairs); synthesis from the corpus and continued pretraining need corpus=folder"
         )
-    key = keys.corpus_key(
+    return keys.corpus_key(
         to_dict(cfg.corpus),
         to_dict(cfg.chunking),
         files_hash=corpus.files_hash(opts),
         tokenizer=cfg.embedder.name,
     )
+
+
+def build_corpus(cfg: DictConfig) -> corpus.Corpus:
+    """Read and chunk the corpus folder once per key, log it as a corpus run once."""
+    opts = corpus.CorpusOptions.from_cfg(cfg.corpus)
+    key = corpus_key(cfg)
     folder = Path(cfg.paths.cache) / "corpus" / key
     if not is_finished(folder):
         _build_corpus_folder(cfg, opts, key, folder)
@@ -314,7 +320,7 @@ def cpt_key(cfg: DictConfig, data_key: str) -> str | None:
     return keys.cpt_key(
         to_dict(cfg.model),
         knowledge=knowledge,
-        corpus=build_corpus(cfg).key,
+        corpus=corpus_key(cfg),
         data_key=data_key if knowledge == "both" else None,
         model=keys.model_id(to_dict(cfg.llm)),
     )

@@ -47,6 +47,20 @@ def _cfg(store: list[str], docs: Path, *extra: str):
     return compose_cfg("evaluate", [*store, f"corpus.source={docs}", "chunking.size=48", *extra])
 
 
+def _build_dataset_fails(store: list[str], *overrides: str) -> str:
+    """Run build_dataset.py as a user does; it must exit 2 with one line: that line."""
+    proc = subprocess.run(
+        [sys.executable, "build_dataset.py", *store, "dataset.synthesis.backend=none", *overrides],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
 def _runs(cfg, stage: str):
     mlflow.set_tracking_uri(cfg.tracking.uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
@@ -152,26 +166,10 @@ def test_build_dataset_refuses_unknown_evidence_before_any_work(store, docs, tmp
     ]
     rows[3]["evidence"] = "nowhere/missing.md#Intro"
     write_jsonl(source, rows)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "build_dataset.py",
-            *store,
-            f"dataset.source={source}",
-            f"corpus.source={docs}",
-            "dataset.synthesis.backend=none",
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(
+    last = _build_dataset_fails(store, f"dataset.source={source}", f"corpus.source={docs}")
+    assert last.startswith(
         f"error: {source}: row 'r3' names evidence document 'nowhere/missing.md'"
-    ), lines
-    assert "Traceback" not in proc.stderr
+    ), last
     cache = Path(store[0].split("=", 1)[1])
     assert not list(cache.glob("data/*/manifest.json"))  # nothing half-written
 
@@ -319,23 +317,7 @@ def test_bad_corpus_is_one_line_error_from_the_script(store, small_source, tmp_p
     if bad == "undecodable":
         (folder / "ok.md").write_text("# Fine\n\nSome text.\n", encoding="utf-8")
         (folder / "latin.md").write_bytes("# Caf\xe9\n\nna\xefve text\n".encode("latin-1"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "build_dataset.py",
-            *store,
-            f"dataset.source={small_source}",
-            f"corpus.source={folder}",
-            "dataset.synthesis.backend=none",
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr
+    last = _build_dataset_fails(store, f"dataset.source={small_source}", f"corpus.source={folder}")
     if bad == "empty":
         assert last.startswith(f"error: {folder}: no documents"), last
     else:

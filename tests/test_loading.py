@@ -30,6 +30,7 @@ def test_load_jsonl_defaults_ids_lineage_and_mapping(tmp_path):
         "topic": "topic",
         "difficulty": None,
         "seed_id": "seed_id",
+        "evidence": None,
     }
     assert [it.id for it in items] == ["row-00001", "row-00002"]
     assert items[0].seed_id == "row-00001" and items[0].source == "seed"
@@ -59,6 +60,7 @@ def test_explicit_columns(tmp_path):
         "topic": "cat",
         "difficulty": None,
         "seed_id": None,
+        "evidence": None,
     }
     assert items[0] == QAItem("a", "x?", "y", topic="t", seed_id="a", topic_source="mapped")
 
@@ -185,7 +187,7 @@ def test_every_format_with_mapped_and_recognised_columns(tmp_path, fmt):
     path = write_format(tmp_path / f"odd.{fmt}", fmt, odd)
     columns = {"id": "Nr", "question": "Frage", "answer": "Antwort", "topic": "Bereich"}
     items, mapping = load(path, fmt=fmt, columns=columns)
-    assert mapping == {**columns, "difficulty": None, "seed_id": None}
+    assert mapping == {**columns, "difficulty": None, "seed_id": None, "evidence": None}
     assert [(it.id, it.question, it.answer, it.topic) for it in items] == [
         ("7", "Was ist TCP?", "Ein Protokoll.", "net"),
         ("8", "Was ist SQL?", "Eine Sprache.", "db"),
@@ -305,3 +307,23 @@ def test_mapped_topics_cleaned_and_look_alikes_reported(tmp_path):
     ]
     assert loaded.topics["labels"]["Networking"] == 4 and loaded.topics["source"] == "mapped"
     assert {it.topic for it in loaded.items} >= {"data structures", "data_structures"}  # kept
+
+
+def test_evidence_as_text_or_object_and_bad_evidence(tmp_path):
+    rows = [
+        {"question": "a?", "answer": "x", "evidence": "db/indexing.md#B-Trees"},
+        {"question": "b?", "answer": "y", "evidence": "db/indexing.md"},
+        {"question": "c?", "answer": "z", "evidence": {"document": "os/vm.md", "quote": " q "}},
+        {"question": "d?", "answer": "w"},
+    ]
+    items, mapping = load(write_jsonl(tmp_path / "e.jsonl", rows))
+    assert mapping["evidence"] == "evidence"
+    assert [it.evidence for it in items] == [
+        {"document": "db/indexing.md", "section": "B-Trees"},
+        {"document": "db/indexing.md"},
+        {"document": "os/vm.md", "quote": "q"},
+        None,
+    ]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:1], {**rows[0], "evidence": {"q": "x"}}])
+    with pytest.raises(QaLabError, match=r"bad.jsonl:2: evidence must be"):
+        load(bad)

@@ -161,7 +161,8 @@ def test_retriever_k_zero_builds_the_no_retrieval_prompt(store, small_source):
     tok = models.load_tokenizer(none_cfg.llm, none_cfg.paths.models)
     texts = []
     for cfg in (none_cfg, zero_cfg):
-        passages = stages._retriever(cfg, folder).search([it.question for it in items])
+        kb = stages.corpus_for(cfg, folder)
+        passages = stages._retriever(cfg, kb).search([it.question for it in items])
         texts.append(
             [
                 prompts.render_prompt(
