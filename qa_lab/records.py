@@ -59,8 +59,11 @@ class Passage:
         """The passage's knowledge: a pair's answer, or a chunk's text."""
         return self.text or self.answer
 
-    def to_dict(self, gold: bool | None = None) -> dict[str, Any]:
-        """The serialised passage of an evaluated row (a pair keeps its historical shape)."""
+    def to_dict(self) -> dict[str, Any]:
+        """The serialised passage of an evaluated row (a pair keeps its historical shape).
+
+        Its `gold` flag is added by `evidence.mark` once the row's gold passages are known.
+        """
         if self.text:
             out: dict[str, Any] = {
                 "item_id": self.item_id,
@@ -71,8 +74,6 @@ class Passage:
         else:
             out = {"item_id": self.item_id, "question": self.question, "answer": self.answer}
         out["score"] = round(self.score, 4)
-        if gold is not None:
-            out["gold"] = gold
         return out
 
 
