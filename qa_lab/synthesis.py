@@ -271,15 +271,14 @@ def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
-def content_words(text: str) -> set[str]:
-    """The distinct tokens of `text` that are not English stopwords (scikit-learn's list)."""
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-    return {w for w in words(text) if w not in ENGLISH_STOP_WORDS}
-
-
 def support(answer: str, passage: str) -> float:
-    """Share of the answer's distinct content words found in the passage (0 when it has none)."""
+    """Share of the answer's distinct content words found in the passage (0 when it has none).
+
+    Content words as the retrieval metrics count them (`answer_in_context`), so "supported by
+    its chunk" and "the answer is in the context" are one measure.
+    """
+    from qa_lab.retrieval_metrics import content_words
+
     wanted = content_words(answer)
     return len(wanted & content_words(passage)) / len(wanted) if wanted else 0.0
 
@@ -302,10 +301,11 @@ def validate_corpus(
     """Indices of the chunk's (question, answer) pairs that pass, and rejects by first failure.
 
     A pair is kept only if its answer is supported by the chunk: at least `min_support` of the
-    answer's distinct content words (`content_words`) occur in the chunk text. Its question must
-    have `min_chars`..`max_chars` characters, read as a question, share fewer than
-    `COPIED_RUN_WORDS` consecutive words with the chunk (else it is a copied sentence) and
-    differ from the chunk's earlier kept questions after `normalize_question(.., "robust")`.
+    answer's distinct content words (`retrieval_metrics.content_words`) occur in the chunk
+    text. Its question must have `min_chars`..`max_chars` characters, read as a question,
+    share fewer than `COPIED_RUN_WORDS` consecutive words with the chunk (else it is a copied
+    sentence) and differ from the chunk's earlier kept questions after
+    `normalize_question(.., "robust")`.
     """
     from qa_lab.dataset import normalize_question  # dataset imports this module
 
