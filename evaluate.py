@@ -8,12 +8,14 @@ from omegaconf import DictConfig
 
 import qa_lab.config  # noqa: F401  (registers the project-root resolver used by conf/paths)
 from qa_lab.errors import cli_errors
+from qa_lab.validate import check
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @cli_errors
 def main(cfg: DictConfig) -> None:
-    """Compose the config, run the stage (heavy imports happen inside it)."""
+    """Compose the config, check every value it reads, run the stage (heavy imports inside)."""
+    check(cfg, "evaluate")  # a bad value is one line naming its key, before any work
     from qa_lab import stages
 
     stages.evaluate_main(cfg)

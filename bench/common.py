@@ -14,7 +14,12 @@ REFERENCE = PROJECT_ROOT.parent / "shared" / "reference" / "rag-technical-qa"
 
 
 def machine() -> str:
-    """CPU model, core count, torch threads and today's date: the header of every result."""
+    """CPU model, cores, torch threads, the fp32 matmul peak and the date: every result's header.
+
+    The peak is there because this machine's speed drifts between days (157-171 GFLOP/s on
+    2026-11-26, 70 on 2026-12-01, same CPU model and core count): minutes measured on
+    different days compare only through it.
+    """
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -27,7 +32,8 @@ def machine() -> str:
         pass
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}"
+        f"({torch.get_num_threads()} threads), fp32 matmul peak {matmul_peak_gflops():.0f} "
+        f"GFLOP/s, {time.strftime('%Y-%m-%d')}"
     )
 
 

@@ -79,7 +79,8 @@ def main() -> None:
     from qa_lab import chunking, readers
     from qa_lab.corpus import Corpus
     from qa_lab.records import Passage
-    from qa_lab.retrieval import Bm25Options, Retriever, bm25_tokens, embed, embedder_tokenizer
+    from qa_lab.retrieval import Retriever, embed, embedder_tokenizer
+    from qa_lab.sparse import Bm25Options, bm25_tokens
 
     print(machine())
     print(versions("bm25s", "rank-bm25", "faiss-cpu", "sentence-transformers", "numpy"))

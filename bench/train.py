@@ -47,7 +47,7 @@ def plain_trainer(model: Any, tok: Any, train_ds: Any, lora_cfg: Any, out_dir: P
     """Stock `SFTTrainer` with only the settings both sides must share."""
     from trl import SFTConfig, SFTTrainer
 
-    from qa_lab.training import lora_config
+    from qa_lab.lora_trainer import lora_config
 
     args = SFTConfig(
         output_dir=str(out_dir),
@@ -115,6 +115,7 @@ def main() -> None:
     llm.device = "cpu"
     lora = OmegaConf.load(conf / "model" / "lora.yaml")
     lora.epochs, lora.batch_size = args.epochs, args.batch_size
+    lora = training.lora_options(lora)
     prompt_cfg = OmegaConf.load(conf / "prompt" / "default.yaml")
     models_dir = PROJECT_ROOT / ".cache" / "models"
     tok = models.load_tokenizer(llm, models_dir)
@@ -144,7 +145,7 @@ def main() -> None:
             tokenizer=tok,
             train_examples=train_ex,
             val_examples=[],
-            lora_cfg=lora,
+            lora=lora,
             out_dir=Path(tmp) / "qa-lab",
         )
         ours = run("qa-lab build_trainer", trainer, val_ds, tokens)

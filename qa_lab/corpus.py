@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qa_lab import chunking, readers
+from qa_lab import checks, chunking, readers
 from qa_lab.cache import file_sha256, stable_hash, tree_sha256
 from qa_lab.errors import QaLabError, require_choice
 from qa_lab.jsonl import read_jsonl, write_jsonl
@@ -36,8 +36,16 @@ class ChunkingOptions:
 
     @classmethod
     def from_cfg(cls, node: Any) -> ChunkingOptions:
-        """Read `chunking`; bad values fail in `chunking.chunk_documents` naming the key."""
-        return cls(strategy=str(node.strategy), size=int(node.size), overlap=int(node.overlap))
+        """Read `chunking`, refusing a bad value before any work (`chunk_documents` re-checks)."""
+        size = checks.whole(node.size, "chunking.size", low=chunking.MIN_SIZE)
+        overlap = checks.whole(node.overlap, "chunking.overlap", low=0)
+        if overlap >= size:
+            raise QaLabError(f"chunking.overlap={overlap} must be < chunking.size={size}")
+        return cls(
+            strategy=require_choice("chunking.strategy", node.strategy, chunking.STRATEGIES),
+            size=size,
+            overlap=overlap,
+        )
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,9 @@ class CorpusOptions:
             on_bad_file=require_choice(
                 "corpus.on_bad_file", node.get("on_bad_file") or "error", readers.BAD_FILE_ACTIONS
             ),
-            gold_threshold=float(node.gold_threshold),
+            gold_threshold=checks.number(
+                node.gold_threshold, "corpus.gold_threshold", low=-1, high=1
+            ),
         )
 
 

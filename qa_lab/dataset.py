@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from qa_lab import lineage, similarity, topics
+from qa_lab import checks, lineage, similarity, topics
 from qa_lab.errors import QaLabError, require_choice
+from qa_lab.loading import BAD_ROW_ACTIONS, FORMATS
 from qa_lab.records import QAItem
 from qa_lab.synthesis import SynthesisOptions
 
@@ -52,15 +53,22 @@ class SplitOptions:
 
     @classmethod
     def from_cfg(cls, node: Any) -> SplitOptions:
-        """Read `dataset.split`, refusing an unknown strategy before any work."""
-        return cls(
-            strategy=require_choice("dataset.split.strategy", node.strategy, SPLIT_STRATEGIES),
-            train=float(node.train),
-            val=float(node.val),
-            seed=int(node.seed),
-            group_threshold=float(node.group_threshold),
+        """Read `dataset.split`, refusing a bad strategy, fraction or threshold before any work."""
+        where = "dataset.split"
+        opts = cls(
+            strategy=require_choice(f"{where}.strategy", node.strategy, SPLIT_STRATEGIES),
+            train=checks.number(node.train, f"{where}.train", low=0, high=1),
+            val=checks.number(node.val, f"{where}.val", low=0, high=1),
+            seed=checks.whole(node.seed, f"{where}.seed"),
+            group_threshold=checks.number(
+                node.group_threshold, f"{where}.group_threshold", low=0, high=1
+            ),
             stratify=node.stratify,
         )
+        _check_fractions(opts.train, opts.val)
+        if opts.stratify is not None:
+            require_choice(f"{where}.stratify", opts.stratify, ("topic",))
+        return opts
 
 
 @dataclass(frozen=True)
@@ -86,17 +94,29 @@ class DatasetOptions:
         columns = {k: v for k, v in dict(node.columns).items() if v}
         return cls(
             source=str(node.source) if node.source else None,
-            format=node.format,
+            format=require_choice("dataset.format", node.format, FORMATS),
             encoding=node.encoding,
             columns=columns or None,
-            on_bad_row=node.on_bad_row,
-            seeds=node.seeds,  # validated by lineage.assign_seeds, with the row count
+            on_bad_row=require_choice("dataset.on_bad_row", node.on_bad_row, BAD_ROW_ACTIONS),
+            # the upper bound (the row count) is checked by lineage.assign_seeds
+            seeds=checks.maybe_whole(node.seeds, "dataset.seeds", low=1),
             topics=topics.TopicOptions.from_cfg(node.topics),
             synthesis=SynthesisOptions.from_cfg(node.synthesis),
-            normalize=node.normalize,
-            semantic_dedup_threshold=float(node.semantic_dedup.threshold),
+            normalize=require_choice("dataset.normalize", node.normalize, NORMALIZE_MODES),
+            semantic_dedup_threshold=checks.number(
+                node.semantic_dedup.threshold, "dataset.semantic_dedup.threshold", low=0, high=1
+            ),
             split=SplitOptions.from_cfg(node.split),
             output_dir=node.output_dir,
+        )
+
+
+def _check_fractions(train: float, val: float) -> None:
+    """Refuse split fractions that leave the test split less than nothing."""
+    if not (0.0 <= train <= 1.0 and 0.0 <= val <= 1.0 and train + val <= 1.0 + 1e-9):
+        raise QaLabError(
+            f"dataset.split.train={train} and dataset.split.val={val} must be fractions "
+            "with train + val <= 1"
         )
 
 
@@ -179,11 +199,7 @@ def split_items(
         {"train": [...], "val": [...], "test": [...]}.
     """
     require_choice("dataset.split.strategy", strategy, SPLIT_STRATEGIES)
-    if not (0.0 <= train <= 1.0 and 0.0 <= val <= 1.0 and train + val <= 1.0 + 1e-9):
-        raise QaLabError(
-            f"dataset.split.train={train} and dataset.split.val={val} must be fractions "
-            "with train + val <= 1"
-        )
+    _check_fractions(train, val)
     if strategy == "random":
         return _random_split(items, train, val, seed)
     if stratify is not None:

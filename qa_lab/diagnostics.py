@@ -1,4 +1,7 @@
-"""Diagnostics per answer: empty, truncated, runaway (an invented new turn), unfinished, abstained.
+"""Diagnostics per answer: empty, truncated, runaway, unfinished, abstained, looping, echoed markup.
+
+Runaway is an invented new turn, looping a phrase repeated to the token limit (`repetition`),
+echoed markup the prompt's passage tags copied into the answer (`markup_echo`).
 
 Each is a 0/1 flag per item (NaN where it cannot be known), so its mean is a rate with a CI.
 """
@@ -7,6 +10,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
+
+from qa_lab.prompts import PASSAGE_OPEN
+
+# The per-item 0/1 flags, in the order the report and the item traces list an answer's flags.
+FLAGS = ("empty", "truncated", "runaway", "unfinished", "idk", "repetition", "markup_echo")
+
+
+def raised_flags(scores: dict[str, float] | None) -> list[str]:
+    """The flags an item's scores raise (value 1.0), in `FLAGS` order."""
+    return [f for f in FLAGS if (scores or {}).get(f) == 1.0]
+
 
 # A new turn the model invented after (or instead of) its answer, matched at the start of any
 # line. Fine-tuned models trained on "Question:/Answer:" text keep going with
@@ -86,6 +101,64 @@ def is_unfinished(prediction: str) -> float:
 def is_idk(prediction: str) -> float:
     """1.0 when the answer abstains ("I don't know", "cannot answer", ...; `IDK_PATTERN`)."""
     return float(_IDK_RE.search(prediction) is not None)
+
+
+# An answer loops when one word 4-gram (lowercased) occurs at least REPEAT_MIN_COUNT times and
+# at least REPEAT_SHARE of its 4-grams repeat an earlier one. A loop of period p words repeated
+# r times repeats every 4-gram r times, and all but the first p of them: the rule flags a loop
+# that fills the last third of an answer. Both conditions are needed: on the original study's
+# 4 x 272 answers (shared/reference, no loop among them) the highest repeated share is 0.31 (a
+# restated sentence, each 4-gram twice) and the highest with a 4-gram thrice 0.26 (a
+# comparison: "optimistic locking assumes ... pessimistic locking assumes ..."); none is
+# flagged. The default study's vanilla run (SmolLM2-135M, 2026-12-01) has 8 of 56 flagged, all
+# loops or sentences restated 3+ times (tests/fixtures/vanilla_loops.jsonl). Answers under
+# REPEAT_MIN_WORDS words are too short to loop and are never flagged.
+REPEAT_N = 4
+REPEAT_SHARE = 0.3
+REPEAT_MIN_COUNT = 3
+REPEAT_MIN_WORDS = 12
+_WORD_RE = re.compile(r"\w+")
+
+
+def _ngrams(prediction: str, n: int) -> list[tuple[str, ...]]:
+    words = _WORD_RE.findall(prediction.lower())
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def repeated_share(prediction: str, n: int = REPEAT_N) -> float:
+    """Share of the answer's word n-grams (lowercased) that already occurred earlier in it."""
+    grams = _ngrams(prediction, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def is_repetition(prediction: str) -> float:
+    """1.0 when the answer loops (the rule above `REPEAT_N`: a 4-gram thrice, 30% repeated).
+
+    Why: a degenerate answer ("a collection of unordered collections of unordered collections
+    of ...") repeats one phrase to the token limit; `runaway_rate` does not see it (no new
+    turn), and a low ROUGE-L does not say why. Repeated n-grams measure the looping itself,
+    cheaply, with no reference or model; the count condition keeps an answer that restates
+    one sentence (each 4-gram twice) from counting as a loop.
+    """
+    grams = _ngrams(prediction, REPEAT_N)
+    if len(grams) + REPEAT_N - 1 < REPEAT_MIN_WORDS:
+        return 0.0
+    most = max(Counter(grams).values())
+    return float(most >= REPEAT_MIN_COUNT and repeated_share(prediction) >= REPEAT_SHARE)
+
+
+# The prompt's own markup echoed in an answer: a passage tag, opening or closing, complete or
+# cut off (`</passage 6>`, `<passage 7`), or a line that starts a "Q:"/"A:" turn the way a
+# training pair is shown in the context (prompts.format_context).
+_PASSAGE_TAG = re.escape(PASSAGE_OPEN.split("{", 1)[0].strip().lstrip("<"))
+_MARKUP_RE = re.compile(
+    rf"(?i:</?[ \t]*{_PASSAGE_TAG}\b)|^[ \t]*(?:\*\*)?[QA][ \t]*:", re.MULTILINE
+)
+
+
+def is_markup_echo(prediction: str) -> float:
+    """1.0 when the answer repeats the prompt's passage markup or Q:/A: turns (see `_MARKUP_RE`)."""
+    return float(_MARKUP_RE.search(prediction) is not None)
 
 
 def throughput(n_answers: int, generated_tokens: int, seconds: float) -> dict[str, float]:

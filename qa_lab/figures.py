@@ -185,3 +185,59 @@ def _curves(runs: list[dict[str, Any]], param: str) -> Any:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def interaction(by_variant: Mapping[str, dict[str, Any]], metric: str) -> Any:
+    """The 2x2's standard picture: `metric` against retrieval off/on, one line per model.
+
+    Parallel lines mean no interaction; the 95% CIs are error bars. `by_variant` maps
+    vanilla, rag, lora and rag_lora to their runs.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for model, (off, on), marker, dodge in (  # dodged 0.03 so the two lines' CIs do not overlap
+        ("base model", ("vanilla", "rag"), "o", -0.03),
+        ("LoRA fine-tune", ("lora", "rag_lora"), "s", 0.03),
+    ):
+        cis = [by_variant[v]["ci"][metric] for v in (off, on)]
+        means = [c["mean"] for c in cis]
+        err = [
+            [m - c["low"] for m, c in zip(means, cis)],
+            [c["high"] - m for m, c in zip(means, cis)],
+        ]
+        ax.errorbar([dodge, 1 + dodge], means, yerr=err, marker=marker, capsize=5, label=model)
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(["retrieval off", "retrieval on"])
+    ax.set_xlim(-0.3, 1.3)
+    ax.set_ylabel(f"{metric} (mean, 95% CI)")
+    ax.set_title(f"{metric}: retrieval x fine-tuning")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def topic_heatmap(labels: Sequence[str], topics: Sequence[str], values: Any, metric: str) -> Any:
+    """Per-topic means of `metric`, a row per config and a column per topic, annotated.
+
+    `values` is a configs x topics array (NaN where a topic has no item).
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    grid = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(topics) + 2.2), 0.5 * len(labels) + 1.6))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(topics)))
+    ax.set_xticklabels(topics, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    finite = grid[np.isfinite(grid)]
+    middle = float(finite.mean()) if finite.size else 0.0
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            color = "black" if v > middle else "white"
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    ax.set_title(f"{metric} per topic")
+    fig.tight_layout()
+    return fig

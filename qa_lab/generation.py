@@ -13,13 +13,14 @@ OpenAI-compatible server). `backend` builds either from the config, for `stages`
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qa_lab import keys, prompts
+from qa_lab import checks, keys, prompts
 from qa_lab.cache import ItemCache, stable_hash
 from qa_lab.errors import QaLabError, require_choice
 from qa_lab.records import EvalRow, Passage, Prediction, QAItem
@@ -43,20 +44,19 @@ class GenParams:
     def from_cfg(cls, gen_cfg: Any, seed: int) -> GenParams:
         """Build from the `generation` config group, validating the numbers.
 
-        The batch limits are checked here too (they change no answer, so they are not fields):
-        a bad value fails before any model is loaded.
+        The speed-only keys are checked here too (they change no answer, so they are not
+        fields; `GenerationOptions` holds them): a bad value fails before any model is loaded.
         """
-        if int(gen_cfg.max_new_tokens) <= 0:
-            raise QaLabError(f"generation.max_new_tokens={gen_cfg.max_new_tokens} must be > 0")
-        for key in ("batch_size", "batch_tokens"):
-            if gen_cfg.get(key) is not None and int(gen_cfg[key]) < 1:
-                raise QaLabError(f"generation.{key}={gen_cfg[key]} must be >= 1")
+        _speed_keys(gen_cfg)
+        stops = gen_cfg.stop_strings or ()
         return cls(
-            max_new_tokens=int(gen_cfg.max_new_tokens),
-            do_sample=bool(gen_cfg.do_sample),
-            temperature=float(gen_cfg.temperature),
-            stop_strings=tuple(gen_cfg.stop_strings or ()),
-            seed=int(seed),
+            max_new_tokens=checks.whole(gen_cfg.max_new_tokens, "generation.max_new_tokens", low=1),
+            do_sample=checks.flag(gen_cfg.do_sample, "generation.do_sample"),
+            temperature=checks.number(
+                gen_cfg.temperature, "generation.temperature", low=0, above=True
+            ),
+            stop_strings=tuple(str(checks.text(s, "generation.stop_strings")) for s in stops),
+            seed=checks.whole(seed, "seed"),
         )
 
     def key_fields(self) -> dict[str, Any]:
@@ -69,6 +69,80 @@ class GenParams:
         if self.do_sample:
             fields.update(temperature=self.temperature, seed=self.seed)
         return fields
+
+
+def _speed_keys(gen_cfg: Any) -> tuple[int | None, int | None, int | None]:
+    """`generation.batch_size`, `batch_tokens` and `threads`, checked (None where unset)."""
+    return tuple(  # type: ignore[return-value]
+        checks.maybe_whole(gen_cfg.get(key), f"generation.{key}", low=1)
+        for key in ("batch_size", "batch_tokens", "threads")
+    )
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The `generation` node: what changes an answer, and the speed-only decoding limits."""
+
+    params: GenParams
+    batch_size: int  # rows decoded together at most
+    batch_tokens: int | None  # prompt + max_new_tokens positions cached at most (None: no cap)
+    threads: int | None  # torch CPU threads (None: all cores)
+
+    @classmethod
+    def from_cfg(cls, gen_cfg: Any, seed: int) -> GenerationOptions:
+        """Read and check the node (conf/generation.yaml documents each key)."""
+        batch_size, batch_tokens, threads = _speed_keys(gen_cfg)
+        if batch_size is None:
+            raise QaLabError("generation.batch_size is not set; see conf/generation.yaml")
+        params = GenParams.from_cfg(gen_cfg, seed)
+        return cls(params, batch_size, batch_tokens, threads)
+
+
+# torch dtypes a model is loaded in (conf/llm/*.yaml), and the devices `models.pick_device` takes
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+BACKENDS = ("local", "openai")
+
+
+@dataclass(frozen=True)
+class LlmOptions:
+    """The `llm` node: the model, how it is loaded locally, or the server that serves it."""
+
+    name: str
+    revision: str | None
+    backend: str
+    dtype: str
+    device: str
+    load_in_4bit: bool
+    served_model: str | None
+    served_adapter: str | None
+    served_precision: str | None
+    client: Any  # openai_client.ClientOptions (imported lazily: this module is imported first)
+
+    @classmethod
+    def from_cfg(cls, node: Any) -> LlmOptions:
+        """Read and check `llm` (conf/llm/*.yaml, conf/llm_server/openai.yaml)."""
+        from qa_lab.openai_client import ClientOptions
+
+        device = str(node.device)
+        if not DEVICE.fullmatch(device):
+            raise QaLabError(f"llm.device={device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+        return cls(
+            name=str(checks.text(node.name, "llm.name")),
+            revision=checks.text(node.get("revision"), "llm.revision", optional=True),
+            backend=require_choice("llm.backend", node.get("backend", "local"), BACKENDS),
+            dtype=require_choice("llm.dtype", node.dtype, DTYPES),
+            device=device,
+            load_in_4bit=checks.flag(node.get("load_in_4bit", False), "llm.load_in_4bit"),
+            served_model=checks.text(node.get("served_model"), "llm.served_model", optional=True),
+            served_adapter=checks.text(
+                node.get("served_adapter"), "llm.served_adapter", optional=True
+            ),
+            served_precision=checks.text(
+                node.get("served_precision"), "llm.served_precision", optional=True
+            ),
+            client=ClientOptions.from_cfg(node, "llm"),
+        )
 
 
 def request_key(model_key: str, prompt: str, params: GenParams, salt: str = "") -> str:
@@ -177,7 +251,7 @@ def backend(cfg: Any, params: GenParams, adapter: Path | None, model_key: str) -
     The local one renders prompts with the model's own chat template; the openai one sends
     the messages and lets the server apply it.
     """
-    kind = require_choice("llm.backend", cfg.llm.get("backend", "local"), ("local", "openai"))
+    kind = require_choice("llm.backend", cfg.llm.get("backend", "local"), BACKENDS)
     if kind == "openai":
         from qa_lab.openai_client import OpenAIGenerator, chat_request
 
@@ -218,14 +292,14 @@ def local_generator(cfg: Any, tokenizer: Any, params: GenParams, adapter: Path |
     from qa_lab import models
     from qa_lab.local_engine import LocalGenerator
 
-    if cfg.generation.threads:
-        torch.set_num_threads(int(cfg.generation.threads))
+    gen = GenerationOptions.from_cfg(cfg.generation, int(cfg.seed))
+    if gen.threads:
+        torch.set_num_threads(gen.threads)
     torch.manual_seed(int(cfg.seed))
     model = models.load_llm(cfg.llm, cfg.paths.models)
     if adapter is not None:
         model = models.with_adapter(model, adapter)
-    gen = cfg.generation
-    return LocalGenerator(model, tokenizer, params, int(gen.batch_size), gen.get("batch_tokens"))
+    return LocalGenerator(model, tokenizer, params, gen.batch_size, gen.batch_tokens)
 
 
 def served_model(cfg: Any, adapter: Path | None) -> str:

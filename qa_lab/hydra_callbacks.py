@@ -12,6 +12,10 @@ Each job that completes leaves a marker in the sweep folder. On a cluster, where
 cancelled, hit their time limit or lose their node, the SLURM launcher (`hydra_launcher.py`)
 closes a sweep with missing jobs through `fail_sweep`, and the same command resumes it: the
 parent run is reopened and only the jobs without a marker are submitted again.
+
+After the report the parent gets its description (the configs ranked by `tracking.rank_by`) and
+its children's dataset inputs, and with `tracking.register=<name>` the sweep's best LoRA adapter
+is registered under that name with the alias `best`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qa_lab import tracking
+from qa_lab import logged_models, tracking
 from qa_lab.cache import stable_hash
 from qa_lab.errors import EXIT_USER_ERROR, QaLabError, cli_errors
 from qa_lab.jsonl import write_json
@@ -49,6 +53,7 @@ class MlflowSweepCallback(Callback):
         import qa_lab.config  # noqa: F401  (resolver for paths.root)
 
         check_parallel_store(config)
+        logged_models.check_registration(config.tracking)
 
         sweep_dir = tracking.sweep_parent_file(config.hydra.sweep.dir).parent
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +92,7 @@ class MlflowSweepCallback(Callback):
                 from qa_lab import reporting
 
                 reporting.report_sweep(config, run_id)
+                finish_sweep(config, run_id)
         except Exception as err:
             # Hydra turns a callback's exception into a warning and exits 0; a sweep whose
             # report failed must not look finished, so say it in one line and exit 2.
@@ -95,6 +101,20 @@ class MlflowSweepCallback(Callback):
             raise SystemExit(2) from err
         finally:
             tracking.end_run_by_id(run_id, status)
+
+
+def finish_sweep(config: DictConfig, run_id: str) -> None:
+    """After the report: the parent's description and dataset inputs, the best adapter.
+
+    The adapter is registered only when `tracking.register` names a model; both rank the
+    configs by `tracking.rank_by`.
+    """
+    from qa_lab import run_logging
+
+    metric = str(config.tracking.get("rank_by") or "rougeL_f1")
+    run_logging.describe_sweep(run_id, metric)
+    if config.tracking.get("register"):
+        logged_models.register_best(run_id, str(config.tracking.register), metric)
 
 
 def resumes(config: DictConfig) -> bool:

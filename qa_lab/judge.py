@@ -16,10 +16,11 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qa_lab import prompts
+from qa_lab import checks, prompts
 from qa_lab.cache import ItemCache, stable_hash
 from qa_lab.errors import QaLabError
 from qa_lab.records import EvalRow
@@ -89,6 +90,39 @@ def item_scores(parsed: dict[str, Any] | None) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class JudgeOptions:
+    """The `metrics.judge` node (conf/metrics/judge.yaml): the model, its budget, its server."""
+
+    model: str
+    temperature: float = 0.0  # 0: greedy, reproducible verdicts
+    max_tokens: int = 64  # the JSON verdict needs ~20 tokens
+    client: Any = None  # openai_client.ClientOptions
+
+    @classmethod
+    def from_cfg(cls, node: Any) -> JudgeOptions:
+        """Read and check the node; the model is required (the server only when asked)."""
+        from qa_lab.openai_client import ClientOptions
+
+        where = "metrics.judge"
+        if node is None or not node.get("model"):
+            raise QaLabError(
+                f"{where}.model is missing: use metrics=judge (conf/metrics/judge.yaml) and set "
+                f"{where}.model and {where}.base_url"
+            )
+        temperature, max_tokens = node.get("temperature"), node.get("max_tokens")
+        return cls(
+            model=str(checks.text(node.model, f"{where}.model")),
+            temperature=cls.temperature
+            if temperature is None
+            else checks.number(temperature, f"{where}.temperature", low=0),
+            max_tokens=cls.max_tokens
+            if max_tokens is None
+            else checks.whole(max_tokens, f"{where}.max_tokens", low=1),
+            client=ClientOptions.from_cfg(node, where),
+        )
+
+
 def judge_rows(
     rows: Sequence[EvalRow], judge_cfg: Any, cache_dir: str | Path
 ) -> tuple[list[dict[str, float]], list[str], dict[str, Any]]:
@@ -100,18 +134,14 @@ def judge_rows(
     from qa_lab.generation import GenParams, generate_cached
     from qa_lab.openai_client import OpenAIGenerator, chat_request
 
-    if judge_cfg is None or not judge_cfg.get("model"):
-        raise QaLabError(
-            "metrics.judge.model is missing: use metrics=judge (conf/metrics/judge.yaml) and set "
-            "metrics.judge.model and metrics.judge.base_url"
-        )
-    temperature = float(judge_cfg.get("temperature") or 0.0)
+    opts = JudgeOptions.from_cfg(judge_cfg)
+    temperature = opts.temperature
     params = GenParams(
-        max_new_tokens=int(judge_cfg.get("max_tokens") or 64),
+        max_new_tokens=opts.max_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 1.0,
     )
-    model = str(judge_cfg.model)
+    model = opts.model
     model_key = f"judge:{model}:{prompt_hash()}"
     cache = ItemCache(Path(cache_dir) / "answers.sqlite")
 

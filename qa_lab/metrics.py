@@ -37,6 +37,8 @@ RATE_NAMES = {
     "truncated": "truncation_rate",
     "runaway": "runaway_rate",
     "idk": "idk_rate",
+    "repetition": "repetition_rate",
+    "markup_echo": "markup_echo_rate",
     "copied": "copy_rate",
 }
 # Per-item columns logged under a prefix: the ranking metrics against the gold chunks (and
@@ -73,6 +75,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "runaway_rate": False,
     "unfinished_rate": False,
     "idk_rate": False,
+    "repetition_rate": False,
+    "markup_echo_rate": False,
     "retrieval_top1_score": True,
     "retrieval_best_rougeL": True,
     "retrieval_best_cosine": True,
@@ -154,37 +158,6 @@ class BootstrapOptions:
 
 
 @dataclass(frozen=True)
-class AttributionOptions:
-    """`metrics.attribution`: when an answer counts as right, for the miss attribution.
-
-    Right means `metric >= threshold`, or the judge's verdict is `correct` when `use_judge`
-    is set and the judge group runs. `metric` is None when no configured group scores it
-    (`metrics.groups=[diagnostics]`): such a run has no `correct` column.
-    """
-
-    metric: str | None
-    threshold: float
-    use_judge: bool
-
-    @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any], groups: tuple[str, ...]) -> AttributionOptions:
-        """Check the node; an unknown metric or a threshold that is no number is refused."""
-        metric = str(_need(cfg, "attribution.metric"))
-        require_choice(
-            "metrics.attribution.metric", metric, [m for c in ANSWER_SCORES.values() for m in c]
-        )
-        threshold = _need(cfg, "attribution.threshold")
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-            raise QaLabError(f"metrics.attribution.threshold={threshold!r} is not a number")
-        group = next(g for g, columns in ANSWER_SCORES.items() if metric in columns)
-        return cls(
-            metric=metric if group in groups else None,
-            threshold=float(threshold),
-            use_judge=bool(_need(cfg, "attribution.use_judge")) and "judge" in groups,
-        )
-
-
-@dataclass(frozen=True)
 class MetricsOptions:
     """The `metrics` config node, read once (each key documented in conf/metrics/default.yaml).
 
@@ -202,7 +175,7 @@ class MetricsOptions:
     bootstrap: BootstrapOptions
     sample_count: int
     sample_seed: int
-    attribution: AttributionOptions
+    attribution: rm.AttributionOptions
     judge: Any = None
 
     @classmethod
@@ -237,7 +210,9 @@ class MetricsOptions:
             ),
             sample_count=int(_need(cfg, "samples.count")),
             sample_seed=int(_need(cfg, "samples.seed")),
-            attribution=AttributionOptions.from_cfg(cfg, groups),
+            attribution=rm.AttributionOptions.from_cfg(
+                cfg.get("attribution"), groups, ANSWER_SCORES
+            ),
             judge=metrics_cfg.get("judge"),  # the node itself: judge reads it as config
         )
 
@@ -263,10 +238,7 @@ class ScoreResult:
 
     def metric_names(self) -> list[str]:
         """Per-item metric names, in first-seen order."""
-        names: dict[str, None] = {}
-        for row in self.per_item:
-            names.update(dict.fromkeys(row))
-        return list(names)
+        return list(dict.fromkeys(name for row in self.per_item for name in row))
 
     def column(self, metric: str) -> np.ndarray:
         """One per-item metric as a float array in item order (NaN where an item lacks it)."""
@@ -302,11 +274,8 @@ class ScoreResult:
 
 
 def _means(per_item: list[dict[str, float]]) -> dict[str, float]:
-    names: dict[str, None] = {}
-    for row in per_item:
-        names.update(dict.fromkeys(row))
     out: dict[str, float] = {}
-    for name in names:
+    for name in dict.fromkeys(key for row in per_item for key in row):  # first-seen order
         values = np.array([row.get(name, math.nan) for row in per_item], dtype=float)
         if np.isfinite(values).any():
             out[RUN_NAMES.get(name, name)] = float(np.nanmean(values))
@@ -328,6 +297,12 @@ class _Batch:
 def _put(per_item: list[dict[str, float]], name: str, values: Iterable[float]) -> None:
     for row, value in zip(per_item, values):
         row[name] = float(value)
+
+
+def _put_columns(per_item: list[dict[str, float]], columns: Mapping[str, Iterable[float]]) -> None:
+    """Named per-item columns (a group module's output) into the items' scores, in order."""
+    for name, values in columns.items():
+        _put(per_item, name, values)
 
 
 def _score_lexical(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -> None:
@@ -392,19 +367,14 @@ def _score_diagnostics(batch: _Batch, opts: MetricsOptions, result: ScoreResult)
         (diagnostics.length_ratio(p, r) for p, r in zip(preds, batch.references)),
     )
     _put(per_item, "idk", (diagnostics.is_idk(p) for p in preds))
+    _put(per_item, "repetition", (diagnostics.is_repetition(p) for p in preds))
+    _put(per_item, "markup_echo", (diagnostics.is_markup_echo(p) for p in preds))
 
 
 def _score_retrieval(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -> None:
-    """Skipped when no row carries retrieved passages (vanilla and LoRA runs).
-
-    The ranking columns need gold chunks: they are left out when no row has any (old runs,
-    `corpus=train_qa`), rather than filled with NaN.
-    """
-    rows = batch.rows
-    if not any(r.retrieved for r in rows):
-        return
-    scores = rm.retrieval_scores(
-        [list(r.retrieved or []) for r in rows],
+    """`retrieval_metrics.retrieval_columns`: nothing when no row retrieved (vanilla, LoRA)."""
+    columns = rm.retrieval_columns(
+        batch.rows,
         batch.references,
         batch.predictions,
         copy_threshold=opts.copy_threshold,
@@ -412,13 +382,7 @@ def _score_retrieval(batch: _Batch, opts: MetricsOptions, result: ScoreResult) -
         embedder=batch.embedder,
         cache_dir=batch.cache_dir,
     )
-    if any(r.gold for r in rows):
-        scores.update(rm.ranking_scores([r.retrieved for r in rows], [r.gold for r in rows]))
-    scores["answer_in_context"] = [
-        rm.answer_in_context(r.retrieved, ref) for r, ref in zip(rows, batch.references)
-    ]
-    for name, values in scores.items():
-        _put(result.per_item, name, values)
+    _put_columns(result.per_item, columns)
 
 
 # One scorer per metric group, run in this order (the per-item columns' order) whatever the
@@ -505,7 +469,7 @@ def score_rows(
     replies: list[str | None] = [None] * len(rows)
     if "judge" in opts.groups:
         replies = _judge(rows, scored, opts, cache_dir)
-    _attribute(rows, scored, opts.attribution)
+    _put_columns(scored.per_item, rm.attribution_columns(rows, scored.column, opts.attribution))
     ci = _cis(rows, scored, opts.bootstrap)
     topics = scored.topic_means()
     return RunScores(
@@ -531,30 +495,6 @@ def _judge(
         scores.update(extra)
     scored.corpus.update(info)
     return list(replies)
-
-
-def _attribute(rows: Sequence[EvalRow], scored: ScoreResult, opts: AttributionOptions) -> None:
-    """Add `correct` to every item, and the attribution cells when some row has gold.
-
-    `correct` is the judge's verdict == correct (NaN when its reply was unparseable: no made-up
-    verdict) or `opts.metric >= opts.threshold`. Runs are compared item by item on it, so it
-    is added in every run, closed-book ones too; nothing is added when no configured group
-    scores the metric.
-    """
-    if not opts.use_judge and opts.metric is None:
-        return
-    if opts.use_judge:
-        judged = zip(scored.column("judge_correct"), scored.column("judge_unparseable"))
-        correct = [math.nan if bad == 1.0 else v for v, bad in judged]
-    else:
-        correct = [
-            v if math.isnan(v) else float(v >= opts.threshold) for v in scored.column(opts.metric)
-        ]
-    _put(scored.per_item, "correct", correct)
-    if any(r.gold and r.retrieved for r in rows):
-        hits = [rm.gold_retrieved(r.retrieved, r.gold) for r in rows]
-        for name, values in rm.attribution(correct, hits).items():
-            _put(scored.per_item, name, values)
 
 
 def _cis(

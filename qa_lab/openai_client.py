@@ -13,13 +13,56 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
-from qa_lab.errors import QaLabError
+from qa_lab import checks
+from qa_lab.errors import QaLabError, require_choice
 from qa_lab.generation import Generator, GenParams, cut_at_stop
 from qa_lab.prompts import fold_system
 
 SYSTEM_TURNS = ("auto", "keep", "fold")
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a client reaches an OpenAI-compatible server: `llm.*` or `metrics.judge.*`.
+
+    The defaults here serve nodes that leave a key out (a hand-written judge node, tests);
+    conf/llm_server/openai.yaml and conf/metrics/judge.yaml set and document every one.
+    """
+
+    base_url: str | None = None  # required only when a request must be sent
+    api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var with the key, never the key
+    timeout: float = 600.0  # s per request
+    retries: int = 4  # on 429/5xx/connection errors
+    concurrency: int = 4  # requests in flight
+    backoff_s: float = 1.0  # first retry wait, doubling each try
+    system_turn: str = "auto"
+
+    @classmethod
+    def from_cfg(cls, node: Any, prefix: str) -> ClientOptions:
+        """Read and check the client keys of `node`, whose dotted path is `prefix`."""
+
+        def get(name: str) -> Any:
+            value = node.get(name)
+            return getattr(cls, name) if value is None else value
+
+        base_url = checks.text(node.get("base_url"), f"{prefix}.base_url", optional=True)
+        if base_url and not base_url.startswith(("http://", "https://")):
+            raise QaLabError(
+                f"{prefix}.base_url={base_url!r} is not an http(s) URL, "
+                "e.g. http://127.0.0.1:8000/v1"
+            )
+        return cls(
+            base_url=base_url or None,
+            api_key_env=str(node.get("api_key_env") or ""),
+            timeout=checks.number(get("timeout"), f"{prefix}.timeout", low=0, above=True),
+            retries=checks.whole(get("retries"), f"{prefix}.retries", low=0),
+            concurrency=checks.whole(get("concurrency"), f"{prefix}.concurrency", low=1),
+            backoff_s=checks.number(get("backoff_s"), f"{prefix}.backoff_s", low=0),
+            system_turn=require_choice(f"{prefix}.system_turn", get("system_turn"), SYSTEM_TURNS),
+        )
 
 
 def chat_request(messages: list[dict[str, str]], seed: int | None = None) -> str:
@@ -53,12 +96,12 @@ class OpenAIGenerator(Generator):
         model: str,
         params: GenParams,
         *,
-        api_key_env: str = "OPENAI_API_KEY",
-        timeout: float = 600.0,
-        retries: int = 4,
-        concurrency: int = 4,
-        backoff_s: float = 1.0,
-        system_turn: str = "auto",
+        api_key_env: str = ClientOptions.api_key_env,
+        timeout: float = ClientOptions.timeout,
+        retries: int = ClientOptions.retries,
+        concurrency: int = ClientOptions.concurrency,
+        backoff_s: float = ClientOptions.backoff_s,
+        system_turn: str = ClientOptions.system_turn,
         config_key: str = "base_url",
     ) -> None:
         prefix = config_key.rpartition(".")[0]
@@ -82,20 +125,21 @@ class OpenAIGenerator(Generator):
 
     @classmethod
     def from_cfg(cls, node: Any, prefix: str, params: GenParams, model: str) -> OpenAIGenerator:
-        """Build from a config node (base_url, api_key_env, timeout, retries, concurrency...).
+        """Build from a config node (`ClientOptions`: base_url, timeout, retries, ...).
 
         `prefix` is the node's dotted path, so a missing `base_url` error names the key to set.
         """
+        opts = ClientOptions.from_cfg(node, prefix)
         return cls(
-            node.get("base_url"),
+            opts.base_url or "",
             model,
             params,
-            api_key_env=node.get("api_key_env") or "",
-            timeout=float(node.get("timeout") or 600),
-            retries=int(node.get("retries") if node.get("retries") is not None else 4),
-            concurrency=int(node.get("concurrency") or 4),
-            backoff_s=float(node.get("backoff_s") or 1.0),
-            system_turn=str(node.get("system_turn") or "auto"),
+            api_key_env=opts.api_key_env,
+            timeout=opts.timeout,
+            retries=opts.retries,
+            concurrency=opts.concurrency,
+            backoff_s=opts.backoff_s,
+            system_turn=opts.system_turn,
             config_key=f"{prefix}.base_url",
         )
 

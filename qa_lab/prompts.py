@@ -9,14 +9,32 @@ template's end-of-turn token, which is what makes it stop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from qa_lab import checks
 from qa_lab.records import Passage, QAItem
 
 # Bump when the wording or layout below changes: it is part of every prediction's cache key.
 TEMPLATE_VERSION = 1
 PASSAGE_OPEN = "<passage {n}>"
 PASSAGE_CLOSE = "</passage {n}>"
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """The `prompt` node: the system message and the line above the retrieved passages."""
+
+    system: str
+    context_header: str
+
+    @classmethod
+    def from_cfg(cls, node: Any) -> PromptOptions:
+        """Read `prompt`; both values must be text (a bare `prompt.system=3` is refused)."""
+        return cls(
+            system=str(checks.text(node.system, "prompt.system")),
+            context_header=str(checks.text(node.context_header, "prompt.context_header")),
+        )
 
 
 def format_context(passages: Sequence[Passage], header: str) -> str:

@@ -11,20 +11,28 @@ chunk was retrieved, the generator's when one was.
 
 Ranking metrics come from `ir_measures` (pytrec_eval backend, ~0.2 s on its first call). Not
 ranx: its numba JIT took 70 s on its first call on the 2-core dev machine (10 s after that).
+
+`retrieval_columns` is the `retrieval` metric group and `attribution_columns` the attribution
+`metrics.score_rows` adds (`AttributionOptions`: when an answer counts as right); both take
+rows and plain values and return named per-item columns, so this module needs nothing of
+`metrics`, which composes them.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qa_lab.errors import QaLabError, require_choice
 from qa_lab.lexical import rouge_l_f1
+from qa_lab.records import EvalRow
 
 # Per-item ranking columns (NaN for items without gold or without retrieved passages).
 RANKING_COLUMNS = ("recall_at_k", "ndcg_at_k", "mrr", "gold_retrieved")
@@ -116,6 +124,40 @@ def _best_cosine(
         sims = np.einsum("ij,ij->i", ans_vecs, ref_vecs[owner_idx]).astype(float)
         np.fmax.at(best, owner_idx, sims)  # fmax: NaN (no value yet) loses to any number
     return best.tolist()
+
+
+def retrieval_columns(
+    rows: Sequence[EvalRow],
+    references: Sequence[str],
+    predictions: Sequence[str],
+    *,
+    copy_threshold: float,
+    stemmer: bool,
+    embedder: str,
+    cache_dir: str | Path | None = None,
+) -> dict[str, list[float]]:
+    """The `retrieval` group's per-item columns; none when no row carries retrieved passages.
+
+    Vanilla and LoRA runs retrieve nothing. The ranking columns need gold chunks: they are left
+    out when no row has any (old runs, `corpus=train_qa`), rather than filled with NaN.
+    """
+    if not any(r.retrieved for r in rows):
+        return {}
+    scores = retrieval_scores(
+        [list(r.retrieved or []) for r in rows],
+        references,
+        predictions,
+        copy_threshold=copy_threshold,
+        stemmer=stemmer,
+        embedder=embedder,
+        cache_dir=cache_dir,
+    )
+    if any(r.gold for r in rows):
+        scores.update(ranking_scores([r.retrieved for r in rows], [r.gold for r in rows]))
+    scores["answer_in_context"] = [
+        answer_in_context(r.retrieved, ref) for r, ref in zip(rows, references)
+    ]
+    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,4 +266,73 @@ def attribution(correct: Sequence[float], gold_hit: Sequence[float]) -> dict[str
         cell = ATTRIBUTION_CELLS[(bool(hit), bool(ok))] if known else None
         for name, values in out.items():
             values.append(float(name == cell) if known else math.nan)
+    return out
+
+
+@dataclass(frozen=True)
+class AttributionOptions:
+    """`metrics.attribution`: when an answer counts as right, for the miss attribution.
+
+    Right means `metric >= threshold`, or the judge's verdict is `correct` when `use_judge`
+    is set and the judge group runs. `metric` is None when no configured group scores it
+    (`metrics.groups=[diagnostics]`): such a run has no `correct` column.
+    """
+
+    metric: str | None
+    threshold: float
+    use_judge: bool
+
+    @classmethod
+    def from_cfg(
+        cls,
+        node: Mapping[str, Any] | None,
+        groups: tuple[str, ...],
+        answer_scores: Mapping[str, Sequence[str]],
+    ) -> AttributionOptions:
+        """Check the node; an unknown metric or a threshold that is no number is refused.
+
+        `answer_scores` holds the columns that may decide right, by group
+        (`metrics.ANSWER_SCORES`); `groups` are the configured ones.
+        """
+
+        def need(key: str) -> Any:
+            if not isinstance(node, Mapping) or node.get(key) is None:
+                raise QaLabError(f"metrics.attribution.{key} is missing; set it in conf/metrics/")
+            return node[key]
+
+        metric = str(need("metric"))
+        require_choice(
+            "metrics.attribution.metric", metric, [m for c in answer_scores.values() for m in c]
+        )
+        threshold = need("threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise QaLabError(f"metrics.attribution.threshold={threshold!r} is not a number")
+        group = next(g for g, columns in answer_scores.items() if metric in columns)
+        return cls(
+            metric=metric if group in groups else None,
+            threshold=float(threshold),
+            use_judge=bool(need("use_judge")) and "judge" in groups,
+        )
+
+
+def attribution_columns(
+    rows: Sequence[EvalRow], column: Callable[[str], Sequence[float]], opts: AttributionOptions
+) -> dict[str, list[float]]:
+    """`correct` per item, and the `attribution` cells when some row has gold and passages.
+
+    `column(name)` is an already scored per-item column (NaN where an item lacks it). `correct`
+    is the judge's verdict == correct (NaN when its reply was unparseable: no made-up verdict)
+    or `opts.metric >= opts.threshold`. Runs are compared item by item on it, so it is added in
+    every run, closed-book ones too; nothing is added when no configured group scores the metric.
+    """
+    if not opts.use_judge and opts.metric is None:
+        return {}
+    if opts.use_judge:
+        judged = zip(column("judge_correct"), column("judge_unparseable"))
+        correct = [math.nan if bad == 1.0 else v for v, bad in judged]
+    else:
+        correct = [v if math.isnan(v) else float(v >= opts.threshold) for v in column(opts.metric)]
+    out = {"correct": correct}
+    if any(r.gold and r.retrieved for r in rows):
+        out.update(attribution(correct, [gold_retrieved(r.retrieved, r.gold) for r in rows]))
     return out

@@ -167,6 +167,28 @@ def _sign_matrix(k: int, resamples: int, rng: np.random.Generator) -> tuple[np.n
     return rng.integers(0, 2, size=(resamples, k)) * 2.0 - 1.0, False
 
 
+def sign_flip_p(
+    sums: np.ndarray, counts: np.ndarray, diff: float, signs: np.ndarray, exact: bool
+) -> float:
+    """Two-sided sign-flip p-value of a mean difference from its per-unit sums and counts.
+
+    Under H0 (no difference) each unit's total difference is symmetric around 0, so flipping
+    its sign gives an equally likely outcome; the item count per unit never changes.
+    """
+    flipped = np.abs(signs @ sums) / counts.sum()
+    tol = 1e-12 * max(1.0, abs(diff))
+    hits = int(np.count_nonzero(flipped >= abs(diff) - tol))
+    p = hits / len(signs) if exact else (hits + 1) / (len(signs) + 1)
+    return float(min(p, 1.0))
+
+
+def cohen_dz(sums: np.ndarray, counts: np.ndarray, diff: float) -> float:
+    """Cohen's dz: `diff` over the sd of per-unit mean differences (0 when that sd is 0)."""
+    unit_means = sums / counts
+    sd = float(np.std(unit_means, ddof=1)) if len(unit_means) > 1 else 0.0
+    return float(diff / sd) if sd > 0 else 0.0
+
+
 def _paired_core(
     d: np.ndarray,
     units: _Units,
@@ -179,21 +201,12 @@ def _paired_core(
     sums, counts = units.sums(d)
     diff = float(sums.sum() / counts.sum())
     low, high = _interval(sums[draws].sum(axis=1) / counts[draws].sum(axis=1), confidence)
-    # Under H0 (no difference) each unit's total difference is symmetric around 0, so flipping
-    # its sign gives an equally likely outcome; the item count per unit never changes.
-    flipped = np.abs(signs @ sums) / counts.sum()
-    tol = 1e-12 * max(1.0, abs(diff))
-    hits = int(np.count_nonzero(flipped >= abs(diff) - tol))
-    p = hits / len(signs) if exact else (hits + 1) / (len(signs) + 1)
-    unit_means = sums / counts
-    sd = float(np.std(unit_means, ddof=1)) if len(unit_means) > 1 else 0.0
-    effect = diff / sd if sd > 0 else 0.0
     return {
         "diff": diff,
         "ci_low": low,
         "ci_high": high,
-        "p_value": float(min(p, 1.0)),
-        "effect_size": float(effect),
+        "p_value": sign_flip_p(sums, counts, diff, signs, exact),
+        "effect_size": cohen_dz(sums, counts, diff),
     }
 
 

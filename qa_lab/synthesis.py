@@ -14,13 +14,12 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from difflib import SequenceMatcher
-from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from qa_lab import keys
+from qa_lab import checks, keys
 from qa_lab.errors import QaLabError, require_choice
 from qa_lab.records import Prediction, QAItem
 
@@ -47,30 +46,6 @@ QUESTION_START = re.compile(
 )
 LEADING_LABEL = re.compile(r"^\s*(rewritten question|new question|question|q)\s*[:.\-]\s*", re.I)
 
-CORPUS_SYSTEM = "You write quiz questions about technical documentation. Reply in the format asked."
-CORPUS_INSTRUCTION = (
-    "Passage from {source}:\n\n{text}\n\nWrite one question that a reader of this passage "
-    "could answer from it, and its answer in one to three sentences. Reply with two lines:\n"
-    "Question: <the question>\nAnswer: <its answer>"
-)
-# SmolLM2-135M, two samples on each of three data/corpus/databases sections: without a worked
-# example 1 of 6 replies had both a question and an answer (it summarised the passage instead);
-# with one, 3 of 6 ("in exactly this format: Question: ...") and 5 of 6 ("two lines").
-CORPUS_EXAMPLE = (
-    "Stacks - Stack Operations",
-    "A stack is a last-in, first-out collection. Push adds an element on top and pop removes "
-    "the top element; both take O(1) time.",
-    "Question: How long do push and pop take on a stack?\nAnswer: Both take O(1) time: push "
-    "adds an element on top and pop removes the top element.",
-)
-# The answer ends at a blank line or where the model starts another pair.
-QA_PAIR = re.compile(
-    r"question\s*:\s*(.+?)\s*answer\s*:\s*(.+?)(?=\n\s*\n|\n\s*question\s*:|\Z)", re.I | re.S
-)
-# A question sharing this many consecutive words with its passage is a copied sentence.
-COPIED_RUN_WORDS = 12
-WORD = re.compile(r"[a-z0-9]+")
-
 
 @dataclass(frozen=True)
 class SynthesisOptions:
@@ -96,22 +71,29 @@ class SynthesisOptions:
     def from_cfg(cls, node: Any) -> SynthesisOptions:
         """Read `dataset.synthesis`; the backend (and, when used, the mode) fail fast."""
         backend = require_choice("dataset.synthesis.backend", node.backend, SYNTHESIS_BACKENDS)
+
+        def key(name: str) -> str:
+            return f"dataset.synthesis.{name}"
+
+        def cosine(name: str) -> float:
+            return checks.number(node[name], key(name), low=-1, high=1)
+
         return cls(
             backend=backend,
             mode=node.mode if backend == "none" else check_mode(node.mode),
-            per_seed=int(node.per_seed),
+            per_seed=checks.whole(node.per_seed, key("per_seed"), low=1),
             model=node.model,
             base_url=node.base_url,
             api_key_env=node.api_key_env,
-            temperature=float(node.temperature),
-            max_new_tokens=int(node.max_new_tokens),
-            batch_size=int(node.batch_size),
-            seed=int(node.seed),
-            min_chars=int(node.min_chars),
-            max_chars=int(node.max_chars),
-            min_topic_similarity=float(node.min_topic_similarity),
-            max_seed_similarity=float(node.max_seed_similarity),
-            min_support=float(node.min_support),
+            temperature=checks.number(node.temperature, key("temperature"), low=0),
+            max_new_tokens=checks.whole(node.max_new_tokens, key("max_new_tokens"), low=1),
+            batch_size=checks.whole(node.batch_size, key("batch_size"), low=1),
+            seed=checks.whole(node.seed, key("seed")),
+            min_chars=checks.whole(node.min_chars, key("min_chars"), low=0),
+            max_chars=checks.whole(node.max_chars, key("max_chars"), low=1),
+            min_topic_similarity=cosine("min_topic_similarity"),
+            max_seed_similarity=cosine("max_seed_similarity"),
+            min_support=checks.number(node.min_support, key("min_support"), low=0, high=1),
         )
 
 
@@ -147,12 +129,13 @@ def parse(seed: QAItem, text: str, mode: str) -> Candidate:
         if not match:
             return Candidate(seed, "", None)
         question, answer = match.group(1), " ".join(match.group(2).split())
-        return Candidate(seed, _clean_question(question), answer)
+        return Candidate(seed, clean_question(question), answer)
     first = next((line for line in text.strip().splitlines() if line.strip()), "")
-    return Candidate(seed, _clean_question(first), None)
+    return Candidate(seed, clean_question(first), None)
 
 
-def _clean_question(text: str) -> str:
+def clean_question(text: str) -> str:
+    """A generated question without its label ("Question:"), quotes and extra whitespace."""
     text = LEADING_LABEL.sub("", " ".join(text.split()))
     return text.strip().strip('"').strip("'").strip()
 
@@ -233,129 +216,6 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-# --------------------------------------------------------------------------- from a corpus
-
-
-class ChunkLike(Protocol):
-    """What corpus synthesis reads of a chunk (`qa_lab.chunking.Chunk` has these and more)."""
-
-    id: str
-    document: str  # path under the corpus root, e.g. "databases/indexing.md"
-    title: str
-    heading: str
-    text: str
-
-
-def corpus_messages(chunk: ChunkLike) -> list[dict[str, str]]:
-    """The chat prompt asking for one question a reader of the chunk can answer, and its answer."""
-    source, text, reply = CORPUS_EXAMPLE
-    where = " - ".join(part for part in (chunk.title, chunk.heading) if part) or chunk.document
-    return [
-        {"role": "system", "content": CORPUS_SYSTEM},
-        {"role": "user", "content": CORPUS_INSTRUCTION.format(source=source, text=text)},
-        {"role": "assistant", "content": reply},
-        {"role": "user", "content": CORPUS_INSTRUCTION.format(source=where, text=chunk.text)},
-    ]
-
-
-def parse_pair(text: str) -> tuple[str, str]:
-    """(question, answer) from a reply in the "Question: ... Answer: ..." format; ("", ""): none."""
-    match = QA_PAIR.search(text)
-    if not match:
-        return "", ""
-    return _clean_question(match.group(1)), " ".join(match.group(2).split())
-
-
-def words(text: str) -> list[str]:
-    """Lowercased alphanumeric tokens, in order."""
-    return WORD.findall(text.lower())
-
-
-def support(answer: str, passage: str) -> float:
-    """Share of the answer's distinct content words found in the passage (0 when it has none).
-
-    Content words as the retrieval metrics count them (`answer_in_context`), so "supported by
-    its chunk" and "the answer is in the context" are one measure.
-    """
-    from qa_lab.retrieval_metrics import content_words
-
-    wanted = content_words(answer)
-    return len(wanted & content_words(passage)) / len(wanted) if wanted else 0.0
-
-
-def longest_common_run(question: str, passage: str) -> int:
-    """Length in words of the longest word sequence the question shares with the passage."""
-    q, p = words(question), words(passage)
-    # autojunk would ignore words frequent in a long passage ("the"), breaking runs
-    return SequenceMatcher(None, q, p, autojunk=False).find_longest_match(0, len(q), 0, len(p)).size
-
-
-def validate_corpus(
-    chunk: ChunkLike,
-    pairs: Sequence[tuple[str, str]],
-    *,
-    min_chars: int,
-    max_chars: int,
-    min_support: float,
-) -> tuple[list[int], Counter[str]]:
-    """Indices of the chunk's (question, answer) pairs that pass, and rejects by first failure.
-
-    A pair is kept only if its answer is supported by the chunk: at least `min_support` of the
-    answer's distinct content words (`retrieval_metrics.content_words`) occur in the chunk
-    text. Its question must have `min_chars`..`max_chars` characters, read as a question,
-    share fewer than `COPIED_RUN_WORDS` consecutive words with the chunk (else it is a copied
-    sentence) and differ from the chunk's earlier kept questions after
-    `normalize_question(.., "robust")`.
-    """
-    from qa_lab.dataset import normalize_question  # dataset imports this module
-
-    kept: list[int] = []
-    seen: set[str] = set()
-    rejects: Counter[str] = Counter()
-    for i, (question, answer) in enumerate(pairs):
-        key = normalize_question(question, "robust")
-        if not question or not answer:
-            reason = "unparseable"
-        elif len(question) < min_chars:
-            reason = "too_short"
-        elif len(question) > max_chars:
-            reason = "too_long"
-        elif not reads_as_question(question):
-            reason = "not_a_question"
-        elif longest_common_run(question, chunk.text) >= COPIED_RUN_WORDS:
-            reason = "copied_question"
-        elif support(answer, chunk.text) < min_support:
-            reason = "unsupported"
-        elif key in seen:
-            reason = "duplicate"
-        else:
-            kept.append(i)
-            seen.add(key)
-            continue
-        rejects[reason] += 1
-    return kept, rejects
-
-
-def corpus_item(chunk: ChunkLike, j: int, question: str, answer: str, generator: str) -> QAItem:
-    """The dataset row of sample `j` of a chunk; the chunk is its lineage group and evidence."""
-    parts = PurePosixPath(chunk.document).parts
-    evidence = {"document": chunk.document, "section": chunk.heading, "chunk": chunk.id}
-    return QAItem(
-        id=f"{chunk.id}~q{j}",
-        question=question,
-        answer=answer,
-        topic=parts[0] if len(parts) > 1 else "",
-        # questions of one chunk share its facts: they must stay on one side of the split
-        seed_id=chunk.id,
-        source="synthetic",
-        generator=generator,
-        evidence={k: v for k, v in evidence.items() if v},
-    )
-
-
-# --------------------------------------------------------------------------- the run
-
-
 def synthesize(
     opts: SynthesisOptions,
     seeds: Sequence[QAItem],
@@ -366,7 +226,7 @@ def synthesize(
 ) -> tuple[list[QAItem], Counter[str]]:
     """Grow the seeds with the configured generator; returns valid rows and reject counts.
 
-    Answers go through the per-item answer cache (see `_generate`).
+    Answers go through the per-item answer cache (see `generate`).
     """
     if opts.mode == "from_corpus":
         raise QaLabError(
@@ -374,7 +234,7 @@ def synthesize(
             "(synthesize_from_corpus)"
         )
     jobs = [(seed, j) for seed in seeds for j in range(opts.per_seed)]
-    outputs = _generate(
+    outputs = generate(
         opts,
         [f"{seed.id}#{j}" for seed, j in jobs],
         [messages_for(seed, opts.mode) for seed, _ in jobs],
@@ -396,49 +256,7 @@ def synthesize(
     return to_items(candidates, kept, opts.model), rejects
 
 
-def synthesize_from_corpus(
-    opts: SynthesisOptions,
-    chunks: Sequence[ChunkLike],
-    *,
-    cache_dir: str | Path,
-    models_dir: str | Path,
-) -> tuple[list[QAItem], Counter[str]]:
-    """Write `opts.per_seed` QA pairs per corpus chunk; returns the supported ones and rejects.
-
-    Each candidate passes `validate_corpus` or is counted under its reason (unparseable,
-    too_short, too_long, not_a_question, copied_question, unsupported, duplicate), so kept +
-    rejects == chunks x per_seed. Item `j` of a chunk is `<chunk id>~q<j>` whether or not its
-    siblings were kept. Replies go through the same per-item answer cache as `synthesize`: a
-    fixed `seed` gives the same rows on every run.
-    """
-    jobs = [(chunk, j) for chunk in chunks for j in range(opts.per_seed)]
-    outputs = _generate(
-        opts,
-        [f"{chunk.id}#{j}" for chunk, j in jobs],
-        [corpus_messages(chunk) for chunk, _ in jobs],
-        [j for _, j in jobs],
-        cache_dir=cache_dir,
-        models_dir=models_dir,
-    )
-    items: list[QAItem] = []
-    rejects: Counter[str] = Counter()
-    for n, chunk in enumerate(chunks):
-        replies = outputs[n * opts.per_seed : (n + 1) * opts.per_seed]
-        pairs = [parse_pair(out.prediction) for out in replies]
-        kept, chunk_rejects = validate_corpus(
-            chunk,
-            pairs,
-            min_chars=opts.min_chars,
-            max_chars=opts.max_chars,
-            min_support=opts.min_support,
-        )
-        items += [corpus_item(chunk, j, *pairs[j], opts.model) for j in kept]
-        rejects += chunk_rejects
-    print(f"synthesis: {len(items)}/{len(jobs)} candidates kept, rejects {dict(rejects)}")
-    return items, rejects
-
-
-def _generate(
+def generate(
     opts: SynthesisOptions,
     ids: Sequence[str],
     messages: Sequence[list[dict[str, str]]],

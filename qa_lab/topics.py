@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from qa_lab import checks
 from qa_lab.errors import QaLabError
 from qa_lab.records import QAItem
 from qa_lab.similarity import as_matrix
@@ -33,14 +34,20 @@ class TopicOptions:
 
     @classmethod
     def from_cfg(cls, node: Any) -> TopicOptions:
-        """Read `dataset.topics` (the bounds are checked by `infer_topics`, with their keys)."""
+        """Read `dataset.topics`, each value checked by `qa_lab.checks` with its key.
+
+        `infer_topics` checks min_k <= max_k (and the bounds again, for direct callers).
+        """
+        where = "dataset.topics"
         return cls(
-            infer=bool(node.infer),
-            min_k=int(node.min_k),
-            max_k=int(node.max_k),
-            seed=int(node.seed),
-            terms=int(node.terms),
-            similar_labels=float(node.similar_labels),
+            infer=checks.flag(node.infer, f"{where}.infer"),
+            min_k=checks.whole(node.min_k, f"{where}.min_k", low=2),
+            max_k=checks.whole(node.max_k, f"{where}.max_k", low=2),
+            seed=checks.whole(node.seed, f"{where}.seed"),
+            terms=checks.whole(node.terms, f"{where}.terms", low=1),
+            similar_labels=checks.number(
+                node.similar_labels, f"{where}.similar_labels", low=0, high=1
+            ),
         )
 
 

@@ -74,6 +74,14 @@ def _gold_tag(row: EvalRow) -> dict[str, str]:
     return {} if math.isnan(hit) else {"gold_retrieved": str(hit == 1.0).lower()}
 
 
+def _flags_tag(row: EvalRow) -> dict[str, str]:
+    """`flags: repetition,runaway` for an item a diagnostic flags (filter: tags.flags LIKE)."""
+    from qa_lab.diagnostics import raised_flags
+
+    flags = raised_flags(row.scores)
+    return {"flags": ",".join(flags)} if flags else {}
+
+
 def _token_usage(row: EvalRow) -> dict[str, int]:
     """MLflow's standard token-usage attribute (feeds the Overview's token charts)."""
     if row.prompt_tokens is None or row.generated_tokens is None:
@@ -221,6 +229,7 @@ def publish_item_traces(
             "variant": variant,
             **{k: getattr(row, k) for k in TRACE_TAG_KEYS[1:]},
             **_gold_tag(row),
+            **_flags_tag(row),
         }
         _publish_item(
             row,

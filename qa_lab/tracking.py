@@ -1,6 +1,7 @@
 """MLflow: store URI, experiments, runs and nesting, params/tags/metrics/tables/artifacts.
 
-With `traces` (per-item traces), the only module that imports mlflow. Sweeps get one parent
+With `traces` (per-item traces) and `logged_models` (adapters as models), the only module that
+imports mlflow; reaching a server (`tracking_server`) is re-exported here. Sweeps get one parent
 run (created by the Hydra callback before any job starts); its id reaches every job through a
 file in the sweep folder, read here and passed explicitly as `parent_run_id` — never through
 MLFLOW_RUN_ID, which silently takes precedence over it.
@@ -21,17 +22,15 @@ from qa_lab.config import flatten, redact
 from qa_lab.errors import QaLabError
 from qa_lab.provenance import git_state, library_versions
 
+# reaching a server: re-exported, callers use tracking.check_server etc.
+from qa_lab.tracking_server import RETRY_ENV, check_server, is_server, server_answers
+
 PARENT_FILE = "mlflow_parent_run.json"
 FAILURE_TAG = "failure"  # qa_lab.failure: why a FAILED run failed, in one line
 JOB_TAG = "slurm_job"  # qa_lab.slurm_job: the SLURM job (array task) that ran the run
+NOTE_TAG = "mlflow.note.content"  # the run page's description (markdown)
 PARAM_VALUE_LIMIT = 500
 TAG_PREFIX = "qa_lab."
-# tracking.retry keys -> the MLflow client's environment variables (read per request)
-RETRY_ENV = {
-    "max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-    "backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-    "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
-}
 
 
 def _quiet_mlflow() -> None:
@@ -70,66 +69,6 @@ def configure(tracking_cfg: Any) -> str:
         raise QaLabError(
             f"tracking.uri={uri}: tracking server unreachable ({type(err).__name__})"
         ) from None
-
-
-def is_server(tracking_cfg: Any) -> bool:
-    """Whether the store is a tracking server (http/https), not a local file."""
-    return str(tracking_cfg.uri).startswith(("http://", "https://"))
-
-
-def check_server(tracking_cfg: Any) -> None:
-    """Fail fast, naming the URI, when a tracking server does not answer; set its retries.
-
-    Stdlib only (no mlflow import), so scripts can call it before any work. The retry
-    settings go to MLflow's own HTTP client through its environment variables: each request
-    is retried with exponential backoff for a bounded time (`tracking.retry`), which rides
-    out a server restart, then fails.
-    """
-    if not is_server(tracking_cfg):
-        return
-    for name, value in (tracking_cfg.get("retry") or {}).items():
-        if name not in RETRY_ENV or not isinstance(value, int) or value < 0:
-            raise QaLabError(
-                f"tracking.retry.{name}={value!r}: expected a whole number >= 0 for one of "
-                f"{', '.join(RETRY_ENV)}"
-            )
-        os.environ[RETRY_ENV[name]] = str(value)
-    uri = str(tracking_cfg.uri)
-    if not server_answers(uri) and not _comes_back(uri, tracking_cfg.get("retry") or {}):
-        raise QaLabError(
-            f"tracking.uri={uri}: tracking server unreachable; start it with `make server` "
-            "or point MLFLOW_TRACKING_URI at a running one"
-        )
-
-
-def _comes_back(uri: str, retry: Any) -> bool:
-    """In a sweep job, wait for a restarting server as long as MLflow's own retries would.
-
-    The sweep found the server up when it started, so a job that finds it down (a restart
-    while jobs run) waits 2, 4, 8, ... s (tracking.retry; capped at 120 s, about 4 minutes by
-    default) instead of failing; a script started by hand still fails at once.
-    """
-    import time
-
-    if current_parent_run_id() is None:
-        return False
-    factor, retries = int(retry.get("backoff_factor", 2)), int(retry.get("max_retries", 7))
-    for attempt in range(retries):
-        time.sleep(min(120, factor * 2**attempt))
-        if server_answers(uri):
-            return True
-    return False
-
-
-def server_answers(uri: str, timeout_s: float = 5.0) -> bool:
-    """One GET of the server's /health endpoint."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def _artifact_uri(tracking_cfg: Any) -> str | None:
@@ -202,8 +141,11 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     log_config: bool = True,
     detail: str | None = None,
+    description: str | None = None,
 ) -> Iterator[str]:
     """Open a run (nested under the sweep parent in a multirun) with params, tags and config.
+
+    `description`: the run page's description, e.g. the config in a line.
 
     A job that raises ends its run as FAILED and still uploads its Hydra log. When the cause
     is a tracking server that stopped answering (MLflow's retries are spent), the job fails
@@ -226,6 +168,8 @@ def start_run(
     }
     if variant:
         all_tags[f"{TAG_PREFIX}variant"] = variant
+    if description:
+        all_tags[NOTE_TAG] = description
     if cluster_job_id():
         all_tags[f"{TAG_PREFIX}{JOB_TAG}"] = cluster_job_id()
     resolved = redact(to_dict(cfg)) if log_config else {}
@@ -338,15 +282,24 @@ def _log_hydra_log() -> None:
         mlflow.log_artifact(str(log), "logs")
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log numeric metrics on the active run (non-finite values are skipped, not faked)."""
+def log_metrics(
+    metrics: Mapping[str, float], step: int | None = None, model_id: str | None = None
+) -> None:
+    """Log numeric metrics on the active run (non-finite values are skipped, not faked).
+
+    They link to `model_id`, or to the active logged model (`logged_models.evaluating`). When
+    linked, the run is named by id: MLflow then reads it afresh and adds the model to its
+    inputs once, not again on every call (it would from the run object cached at its start).
+    """
     import math
 
     import mlflow
 
     clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        linked = model_id or mlflow.get_active_model_id()
+        run_id = mlflow.active_run().info.run_id if linked else None
+        mlflow.log_metrics(clean, step=step, model_id=model_id, run_id=run_id)
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
@@ -401,6 +354,27 @@ def log_artifacts(path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(path), artifact_path)
     else:
         mlflow.log_artifact(str(path), artifact_path)
+
+
+def set_description(text: str, run_id: str | None = None) -> None:
+    """A run page's description (MLflow's `mlflow.note.content`), on the active run or by id."""
+    import mlflow
+
+    mlflow.MlflowClient().set_tag(run_id or mlflow.active_run().info.run_id, NOTE_TAG, text)
+
+
+def copy_dataset_inputs(from_run_ids: list[str], to_run_id: str) -> None:
+    """Log the dataset inputs of some runs (each name and digest once) on another (a parent)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    inputs = {
+        (i.dataset.name, i.dataset.digest): i
+        for run_id in from_run_ids
+        for i in client.get_run(run_id).inputs.dataset_inputs
+    }
+    if inputs:
+        client.log_inputs(to_run_id, datasets=list(inputs.values()))
 
 
 def log_input(rows: list[dict[str, Any]], name: str, context: str, digest: str) -> None:

@@ -7,34 +7,32 @@ end-of-turn token (SmolLM2: `<|im_end|>`), and nothing after it (the template's 
 is dropped). Learning that token is what makes the fine-tuned model stop. TRL then builds the
 labels from the completion mask (`completion_only_loss`), so prompt tokens carry -100.
 
-Continued pretraining (CPT, `model.knowledge=corpus|both`) teaches the adapter the knowledge
-corpus before the SFT: plain causal-LM loss on the chunk texts, through the same trainer (its
-completion mask covers every token), logged under `cpt/…`. The SFT then continues that adapter
-(`init_adapter`), so the result is still one adapter, served as before.
-
-Metrics leave through a plain callable (`log_metrics(metrics, step)`); this module never imports
-mlflow, and transformers' own reporting integrations are switched off (`report_to="none"`) so
-that none of them opens a run of its own.
+The `model` node becomes `LoraOptions` once (`lora_options`, every value checked, one-line
+errors naming the key); the SFT can continue the adapter of the continued pretraining (`cpt`,
+`init_adapter`), so the result is still one adapter, served as before. The trainer itself,
+shared with the continued pretraining, is `lora_trainer`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from qa_lab import checks
 from qa_lab.errors import QaLabError, require_choice
-from qa_lab.models import release
+from qa_lab.lora_trainer import (
+    CHECKPOINTS,
+    MetricsFn,
+    fit_and_release,
+    lora_config,
+    make_trainer,
+    prepared_base,
+    sft_config,
+)
 from qa_lab.prompts import fit_template
-from qa_lab.records import QAItem
-
-MetricsFn = Callable[[dict[str, float], int], None]
 
 # Trainer log keys -> project metric names (DESIGN §6: `train/…`, `val/…` sections in MLflow).
 METRIC_NAMES = {
@@ -44,47 +42,136 @@ METRIC_NAMES = {
     "epoch": "train/epoch",
     "eval_loss": "val/loss",
 }
-# The continued pretraining's own section, so MLflow draws its loss curve apart from the SFT's.
-CPT_METRIC_NAMES = {
-    "loss": "cpt/loss",
-    "learning_rate": "cpt/learning_rate",
-    "grad_norm": "cpt/grad_norm",
-    "epoch": "cpt/epoch",
-}
 # What the fine-tuning arm learns from (`model.knowledge`): the train QA pairs by SFT (qa), or
 # first the corpus chunks by CPT (corpus), or the chunks and the QA pairs as text (both).
 KNOWLEDGE = ("qa", "corpus", "both")
-# run_training's keys that mean the same for continued pretraining (no validation, no cuts).
-CPT_SUMMARY = (
-    "trainable_params",
-    "total_params",
-    "epochs_run",
-    "steps",
-    "train_tokens",
-    "tokens_per_s",
-    "wall_s",
-    "first_train_loss",
-    "final_train_loss",
-    "mean_train_loss",
+# What a training prompt holds besides the question (`model.context`): nothing, or the top
+# `context_k` training neighbours (RAFT-style).
+CONTEXTS = ("none", "retrieved")
+# transformers 5's `SchedulerType` values (tests/test_training.py checks the list against it),
+# named here so a typo fails on the config key before a model is loaded.
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
 )
-# LoRA settings a config may leave out; every other key of conf/model/lora.yaml is required
-# there (the YAML is the one place defaults live).
-LORA_OPTIONAL: dict[str, Any] = {
+# What a null or left-out key means; every other key of conf/model/lora.yaml must be set
+# (the YAML is the one place defaults live).
+NULL_MEANS: dict[str, Any] = {
     "target_modules": "all-linear",  # PEFT shorthand: every linear layer but the LM head
     "early_stopping_patience": None,  # off
+    "max_train_rows": None,  # all rows
+    "knowledge": "qa",  # SFT on the QA pairs only, no continued pretraining
+    "adapter": None,  # train (or reuse) this config's own adapter
 }
-CHECKPOINTS = "_checkpoints"  # inside out_dir while training; removed before returning
-TRAINER_LOG = "trainer_log.json"
 
 
-def _opt(cfg: Mapping[str, Any] | Any, key: str) -> Any:
-    """A LoRA setting from a dict or DictConfig; a missing required one is a one-line error."""
-    value = cfg.get(key) if hasattr(cfg, "get") else None
+@dataclass(frozen=True)
+class LoraOptions:
+    """The `model` node of `model=lora`, checked once (conf/model/lora.yaml documents each key).
+
+    `model.cpt`, read only when continued pretraining runs, is `cpt.CptOptions`.
+    """
+
+    r: int  # LoRA rank
+    alpha: int  # scaling numerator: scale = alpha / r
+    dropout: float  # in [0, 1)
+    target_modules: str | tuple[str, ...]  # "all-linear" or module names
+    learning_rate: float
+    epochs: float
+    batch_size: int  # examples per device step (times grad_accum per optimizer step)
+    grad_accum: int
+    max_length: int  # tokens per prompt+answer; longer examples are truncated
+    warmup_ratio: float  # of all optimizer steps, in [0, 1)
+    weight_decay: float
+    lr_scheduler: str  # one of LR_SCHEDULERS
+    seed: int
+    group_by_length: bool  # length-grouped batches (less padding)
+    early_stopping_patience: int | None  # epochs without val-loss improvement; None: off
+    max_train_rows: int | None  # cap on training rows; None: all
+    context: str  # one of CONTEXTS
+    context_k: int  # neighbours in the prompt when context=retrieved
+    knowledge: str  # one of KNOWLEDGE
+    adapter: str | None  # a folder or runs:/<id>/adapter used instead of training
+
+
+def setting(node: Mapping[str, Any] | Any, name: str, where: str = "model") -> Any:
+    """`node[name]`, with `NULL_MEANS` for a null or missing `model` key; else it must be set."""
+    value = node.get(name) if hasattr(node, "get") else None
     if value is not None:
         return value
-    if key in LORA_OPTIONAL:
-        return LORA_OPTIONAL[key]
-    raise QaLabError(f"model.{key} is not set; see conf/model/lora.yaml")
+    if where == "model" and name in NULL_MEANS:
+        return NULL_MEANS[name]
+    raise QaLabError(f"{where}.{name} is not set; see conf/model/lora.yaml")
+
+
+def _below_one(value: Any, key: str) -> float:
+    """A fraction in [0, 1): dropout, and warmup (transformers reads 1 or more as steps)."""
+    out = checks.number(value, key, low=0)
+    if out >= 1:
+        raise QaLabError(f"{key}={value!r} must be < 1")
+    return out
+
+
+def _modules(value: Any, key: str) -> str | tuple[str, ...]:
+    """A PEFT shorthand string ("all-linear") or a non-empty list of module names."""
+    if isinstance(value, str):
+        return value
+    names = tuple(value) if isinstance(value, Sequence) else ()
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise QaLabError(f"{key}={value!r} is not a module name or a list of them")
+    return names
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    """A converter refusing a value outside `choices` (`errors.require_choice`)."""
+    return lambda value, key: require_choice(key, value, choices)
+
+
+# How each `model` key is read: a converter of checks.py (value, dotted key) -> typed value.
+_READ: dict[str, Callable[[Any, str], Any]] = {
+    "r": partial(checks.whole, low=1),
+    "alpha": partial(checks.whole, low=1),
+    "dropout": _below_one,
+    "target_modules": _modules,
+    "learning_rate": partial(checks.number, low=0, above=True),
+    "epochs": partial(checks.number, low=0, above=True),
+    "batch_size": partial(checks.whole, low=1),
+    "grad_accum": partial(checks.whole, low=1),
+    "max_length": partial(checks.whole, low=1),
+    "warmup_ratio": _below_one,
+    "weight_decay": partial(checks.number, low=0),
+    "lr_scheduler": _choice(LR_SCHEDULERS),
+    "seed": partial(checks.whole, low=0),
+    "group_by_length": checks.flag,
+    "early_stopping_patience": partial(checks.maybe_whole, low=1),
+    "max_train_rows": partial(checks.maybe_whole, low=1),
+    "context": _choice(CONTEXTS),
+    "context_k": partial(checks.whole, low=1),
+    "knowledge": _choice(KNOWLEDGE),
+    "adapter": partial(checks.text, optional=True),
+}
+
+
+def lora_options(node: Mapping[str, Any] | Any) -> LoraOptions:
+    """The `model` node (a DictConfig or a dict of conf/model/lora.yaml's keys), checked.
+
+    Raises:
+        QaLabError: a key is missing, or a value is not of its kind or out of range; one line
+            naming the dotted key (`model.learning_rate='abc' is not a number`).
+    """
+    return LoraOptions(
+        **{name: read(setting(node, name), f"model.{name}") for name, read in _READ.items()}
+    )
 
 
 def _chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, prompt: bool) -> list[int]:
@@ -183,287 +270,6 @@ def build_sft_dataset(
     return Dataset.from_list(rows), {"truncated": truncated, "dropped": dropped}
 
 
-@dataclass(frozen=True)
-class CptOptions:
-    """The continued pretraining's own schedule (`model.cpt`); the rest comes from `model`."""
-
-    epochs: float
-    learning_rate: float
-    batch_size: int
-    max_length: int  # tokens per window
-
-
-@dataclass(frozen=True)
-class CptCounts:
-    """What became of the CPT texts: kept, cut into windows, dropped as empty."""
-
-    texts: int  # non-empty texts trained on
-    windows: int  # training rows: one per text, more for those longer than max_length
-    split_texts: int  # texts longer than max_length, cut into several windows
-    empty_texts: int  # empty or whitespace-only texts, dropped
-
-
-def cpt_options(lora_cfg: Mapping[str, Any] | Any) -> CptOptions:
-    """The `model.cpt` node, every key required (the YAML is where their defaults live)."""
-    node = _opt(lora_cfg, "cpt")
-    values = {field.name: node.get(field.name) for field in fields(CptOptions)}
-    for key, value in values.items():
-        if value is None:
-            raise QaLabError(f"model.cpt.{key} is not set; see conf/model/lora.yaml")
-    if int(values["max_length"]) < 2:
-        # a window's first token is only context: a 1-token window would carry no loss
-        raise QaLabError(f"model.cpt.max_length={values['max_length']} must be at least 2")
-    return CptOptions(
-        epochs=float(values["epochs"]),
-        learning_rate=float(values["learning_rate"]),
-        batch_size=int(values["batch_size"]),
-        max_length=int(values["max_length"]),
-    )
-
-
-def cpt_texts(
-    knowledge: str, chunk_texts: Sequence[str], train_items: Sequence[QAItem]
-) -> list[str]:
-    """The texts continued pretraining reads for a `model.knowledge` choice (qa: none).
-
-    `both` adds the train QA pairs as plain text, so the facts the SFT later asks for are also
-    learned the way the corpus is (as a passage), not only as chat turns.
-    """
-    require_choice("model.knowledge", knowledge, KNOWLEDGE)
-    if knowledge == "qa":
-        return []
-    texts = list(chunk_texts)
-    if knowledge == "both":
-        texts += [f"Question: {item.question}\nAnswer: {item.answer}" for item in train_items]
-    return texts
-
-
-def _windows(ids: list[int], max_length: int) -> list[list[int]]:
-    """Rows of at most `max_length` tokens in which every token but the first is a target once.
-
-    A row's first token is only context (nothing before it in the row predicts it), so each
-    window after the first starts on the previous window's last token: no token is lost as a
-    target, and no window is a lone token that would carry no loss.
-    """
-    if len(ids) <= max_length:
-        return [ids]
-    step = max_length - 1
-    return [ids[start : start + max_length] for start in range(0, len(ids) - 1, step)]
-
-
-def build_cpt_dataset(
-    tokenizer: Any, texts: Sequence[str], *, max_length: int
-) -> tuple[Any, CptCounts]:
-    """Tokenized `datasets.Dataset` (input_ids, completion_mask all 1) of plain texts, and counts.
-
-    No chat template: the corpus is prose, and the loss covers its tokens only. Each text ends
-    on the tokenizer's eos token, so the model learns where a passage ends (SmolLM2's eos is
-    `<|im_end|>`, the token that also ends an SFT answer). Texts longer than `max_length` are
-    cut into overlapping windows (`_windows`), not truncated: the knowledge in their tail is
-    what the arm is meant to learn.
-
-    Raises:
-        QaLabError: no text has any content.
-    """
-    from datasets import Dataset
-
-    rows: list[dict[str, list[int]]] = []
-    kept = split = empty = 0
-    for text in texts:
-        if not text.strip():
-            empty += 1
-            continue
-        ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-        windows = _windows(ids, max_length)
-        kept += 1
-        split += len(windows) > 1
-        rows += [{"input_ids": w, "completion_mask": [1] * len(w)} for w in windows]
-    if not rows:
-        raise QaLabError(f"no text to pretrain on: all {empty} CPT texts are empty")
-    counts = CptCounts(texts=kept, windows=len(rows), split_texts=split, empty_texts=empty)
-    return Dataset.from_list(rows), counts
-
-
-def lora_config(lora_cfg: Mapping[str, Any] | Any) -> Any:
-    """PEFT `LoraConfig` for a causal LM from the project's LoRA settings."""
-    from peft import LoraConfig
-
-    target = _opt(lora_cfg, "target_modules")
-    return LoraConfig(
-        r=int(_opt(lora_cfg, "r")),
-        lora_alpha=int(_opt(lora_cfg, "alpha")),
-        lora_dropout=float(_opt(lora_cfg, "dropout")),
-        target_modules=target if isinstance(target, str) else list(target),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def _is_4bit(model: Any) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False))
-
-
-def sft_config(
-    lora_cfg: Mapping[str, Any] | Any, *, model: Any, output_dir: Path, has_val: bool
-) -> Any:
-    """TRL `SFTConfig` with the precision, memory and schedule choices made explicit.
-
-    TRL defaults to bf16 and gradient checkpointing; both are slow or unsupported on CPU, so
-    bf16 is used only for a bf16 model on CUDA and checkpointing only for a 4-bit (QLoRA) one.
-    Validation loss is computed every epoch; checkpoints are written only when early stopping
-    needs them to restore the best epoch.
-    """
-    import torch
-    from trl import SFTConfig
-
-    cuda = torch.cuda.is_available()
-    four_bit = _is_4bit(model)
-    patience = _opt(lora_cfg, "early_stopping_patience")
-    if patience is not None and not has_val:
-        raise QaLabError("model.early_stopping_patience needs validation examples (val split)")
-    early = patience is not None
-    sampling = "group_by_length" if _opt(lora_cfg, "group_by_length") else "random"
-    return SFTConfig(
-        output_dir=str(output_dir),
-        report_to="none",  # transformers' MLflow callback would open a run of its own
-        seed=int(_opt(lora_cfg, "seed")),
-        data_seed=int(_opt(lora_cfg, "seed")),
-        num_train_epochs=float(_opt(lora_cfg, "epochs")),
-        per_device_train_batch_size=int(_opt(lora_cfg, "batch_size")),
-        per_device_eval_batch_size=int(_opt(lora_cfg, "batch_size")),
-        gradient_accumulation_steps=int(_opt(lora_cfg, "grad_accum")),
-        learning_rate=float(_opt(lora_cfg, "learning_rate")),
-        lr_scheduler_type=str(_opt(lora_cfg, "lr_scheduler")),
-        # transformers 5 dropped `warmup_ratio`: a float in [0, 1) here is a ratio of all steps.
-        warmup_steps=float(_opt(lora_cfg, "warmup_ratio")),
-        weight_decay=float(_opt(lora_cfg, "weight_decay")),
-        # transformers 5 spells `group_by_length=True` as a sampling strategy.
-        train_sampling_strategy=sampling,
-        max_length=None,  # truncated by build_sft_dataset, which also counts what it cut
-        completion_only_loss=True,
-        # Padding-free packs a batch into one row: correct on sdpa only without a KV cache, and
-        # on CPU slower than padding (a 817x817 block mask cost more than 10% padding saved).
-        padding_free=False,
-        bf16=cuda and model.dtype == torch.bfloat16,
-        fp16=cuda and model.dtype == torch.float16,
-        # transformers 5 renamed gradient checkpointing; TRL's own default for it is on.
-        activation_checkpointing=cuda and four_bit,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cuda and four_bit else None,
-        optim="paged_adamw_8bit" if four_bit else "adamw_torch",
-        eval_strategy="epoch" if has_val else "no",
-        # the untrained adapter's val loss (step 0) is the baseline that shows learning happened
-        eval_on_start=has_val,
-        save_strategy="epoch" if early else "no",
-        save_only_model=True,  # no optimizer state: checkpoints only serve load_best_model_at_end
-        save_total_limit=1 if early else None,
-        load_best_model_at_end=early,
-        metric_for_best_model="eval_loss" if early else None,
-        greater_is_better=False if early else None,
-        logging_strategy="steps",
-        logging_steps=1,
-        dataloader_pin_memory=cuda,
-        disable_tqdm=True,
-    )
-
-
-def _metrics_callback(log_metrics: MetricsFn, names: Mapping[str, str]) -> Any:
-    """A `TrainerCallback` that renames the trainer's logs (`names`) for `log_metrics`."""
-    from transformers import TrainerCallback
-
-    class ForwardMetrics(TrainerCallback):
-        """Forwards each log (a training step or an evaluation) with the project's names."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
-            metrics = {
-                names[key]: float(value)
-                for key, value in (logs or {}).items()
-                if key in names and isinstance(value, int | float) and math.isfinite(value)
-            }
-            if metrics:
-                log_metrics(metrics, int(state.global_step))
-
-    return ForwardMetrics()
-
-
-def _cpu_trainer_class() -> type:
-    """`SFTTrainer` computing the loss the plain `Trainer` way: the model's own cross-entropy.
-
-    TRL 1.16 replaces the LM head with a fused log-prob function. On GPUs a Triton kernel
-    scores only the supervised positions; on CPU it scores every position in chunks, also
-    computes entropy and top-1 for its metrics, and recomputes the logits in backward: a
-    training step took ~1.5x as long as with the model's own loss (9.0 s vs 5.8 s, 8 x 113
-    tokens, SmolLM2-135M, 2 cores). The labels, and so the loss, are the same.
-    """
-    import torch
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    class CpuSFTTrainer(SFTTrainer):
-        """`SFTTrainer` with `Trainer.compute_loss`, and logits only where the answer is scored.
-
-        The loss falls on the answer only, so the LM head (576 x 49k on SmolLM2, a fifth of the
-        model's FLOPs) and the cross-entropy need not run on the prompt: positions before the
-        batch's first supervised target are skipped (`logits_to_keep`, labels cut to match, so
-        the model's shift lines them up exactly as on the full row).
-        """
-
-        def compute_loss(
-            self,
-            model: Any,
-            inputs: dict[str, Any],
-            return_outputs: bool = False,
-            num_items_in_batch: Any = None,
-        ) -> Any:
-            labels = inputs["labels"]
-            scored = (labels[:, 1:] != -100).any(dim=0).nonzero()
-            start = int(scored[0, 0]) if len(scored) else 0
-            return Trainer.compute_loss(
-                self,
-                model,
-                {
-                    **inputs,
-                    "labels": labels[:, start:],
-                    # positions as an index tensor: a copy, contiguous, so the LM head is one
-                    # matmul (a sliced view made it a batched matmul, slower than no skipping)
-                    "logits_to_keep": torch.arange(start, labels.shape[1], device=labels.device),
-                    "use_cache": False,
-                },
-                return_outputs=return_outputs,
-                num_items_in_batch=num_items_in_batch,
-            )
-
-    return CpuSFTTrainer
-
-
-def _use_all_cpus() -> None:
-    """Give torch one thread per CPU this process may run on, unless the user pinned it.
-
-    torch counts the machine's cores, which in a container can exceed the CPUs it is allowed;
-    oversubscribed threads make CPU training markedly slower. `OMP_NUM_THREADS` wins (parallel
-    jobs on one machine set it to share the cores).
-    """
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "sched_getaffinity"):
-        return
-    available = len(os.sched_getaffinity(0))
-    if torch.get_num_threads() != available:
-        torch.set_num_threads(available)
-
-
-def _prepared_base(model: Any) -> Any:
-    """The base model ready for LoRA: a 4-bit (QLoRA) one gets PEFT's k-bit preparation."""
-    if not _is_4bit(model):
-        return model
-    from peft import prepare_model_for_kbit_training
-
-    return prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
-
-
 def _trainable_adapter(model: Any, adapter_dir: Path) -> Any:
     """`model` wrapped with a saved adapter whose LoRA weights keep training (SFT after CPT).
 
@@ -484,61 +290,18 @@ def _trainable_adapter(model: Any, adapter_dir: Path) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
-def _make_trainer(
-    *,
-    model: Any,
-    tokenizer: Any,
-    args: Any,
-    train_ds: Any,
-    val_ds: Any,
-    lora_cfg: Mapping[str, Any] | Any,
-    peft_config: Any,
-    log_metrics: MetricsFn | None,
-    metric_names: Mapping[str, str],
-) -> Any:
-    """The trainer SFT and CPT share: CPU loss path, metrics under `metric_names`, early stop.
-
-    `peft_config` is None when `model` already is a trainable `PeftModel`: TRL 1.16 refuses a
-    PEFT model given with a second config and otherwise trains the adapter it carries.
-    """
-    import torch
-    from transformers import EarlyStoppingCallback, set_seed
-    from trl import SFTTrainer
-
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        _use_all_cpus()
-    # LoRA's A matrices are drawn when TRL wraps the model, before Trainer seeds itself.
-    set_seed(args.seed)
-    callbacks: list[Any] = []
-    if log_metrics is not None:
-        callbacks.append(_metrics_callback(log_metrics, metric_names))
-    if args.load_best_model_at_end:
-        callbacks.append(EarlyStoppingCallback(int(_opt(lora_cfg, "early_stopping_patience"))))
-    trainer_class = SFTTrainer if cuda else _cpu_trainer_class()
-    return trainer_class(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
-
-
 def build_trainer(
     *,
     model: Any,
     tokenizer: Any,
     train_examples: Sequence[Mapping[str, Any]],
     val_examples: Sequence[Mapping[str, Any]],
-    lora_cfg: Mapping[str, Any] | Any,
+    lora: LoraOptions,
     out_dir: Path,
     log_metrics: MetricsFn | None = None,
     init_adapter: Path | None = None,
 ) -> Any:
-    """An `SFTTrainer` with the LoRA adapter attached, ready for `run_training`.
+    """An `SFTTrainer` with the LoRA adapter attached, ready for `lora_trainer.run_training`.
 
     Separate from `train_lora` so callers (and tests) can inspect the tokenized data, the
     collated batches and the adapter before training. `model` is modified in place: PEFT
@@ -547,136 +310,27 @@ def build_trainer(
     """
     if not train_examples:
         raise QaLabError("no training examples: the train split is empty")
-    max_length = int(_opt(lora_cfg, "max_length"))
-    train_ds, cut = build_sft_dataset(tokenizer, train_examples, max_length=max_length)
+    train_ds, cut = build_sft_dataset(tokenizer, train_examples, max_length=lora.max_length)
     val_ds = None
     if val_examples:
-        val_ds = build_sft_dataset(tokenizer, val_examples, max_length=max_length)[0]
+        val_ds = build_sft_dataset(tokenizer, val_examples, max_length=lora.max_length)[0]
     checkpoints = Path(out_dir) / CHECKPOINTS
-    args = sft_config(lora_cfg, model=model, output_dir=checkpoints, has_val=val_ds is not None)
-    model = _prepared_base(model)
+    args = sft_config(lora, model=model, output_dir=checkpoints, has_val=val_ds is not None)
+    model = prepared_base(model)
     if init_adapter is not None:
         model = _trainable_adapter(model, init_adapter)
-    trainer = _make_trainer(
+    trainer = make_trainer(
         model=model,
         tokenizer=tokenizer,
         args=args,
-        train_ds=train_ds,
-        val_ds=val_ds,
-        lora_cfg=lora_cfg,
-        peft_config=None if init_adapter is not None else lora_config(lora_cfg),
+        datasets=(train_ds, val_ds),
+        lora=lora,
+        peft_config=None if init_adapter is not None else lora_config(lora),
         log_metrics=log_metrics,
         metric_names=METRIC_NAMES,
     )
     trainer.qa_lab_truncation = cut  # read back by run_training for the summary
     return trainer
-
-
-def build_cpt_trainer(
-    *,
-    model: Any,
-    tokenizer: Any,
-    texts: Sequence[str],
-    lora_cfg: Mapping[str, Any] | Any,
-    out_dir: Path,
-    log_metrics: MetricsFn | None = None,
-) -> Any:
-    """The SFT trainer set up for continued pretraining on `texts`, ready for `run_training`.
-
-    The model node's settings with `model.cpt`'s schedule in their place. No validation split:
-    held-out chunks would be knowledge withheld from the arm (whether the arm learned shows in
-    the SFT's val loss and the evaluation), so no early stopping either.
-    """
-    opts = cpt_options(lora_cfg)
-    train_ds, counts = build_cpt_dataset(tokenizer, texts, max_length=opts.max_length)
-    settings = {
-        **dict(lora_cfg),
-        **asdict(opts),
-        "early_stopping_patience": None,
-    }
-    checkpoints = Path(out_dir) / CHECKPOINTS
-    args = sft_config(settings, model=model, output_dir=checkpoints, has_val=False)
-    trainer = _make_trainer(
-        model=_prepared_base(model),
-        tokenizer=tokenizer,
-        args=args,
-        train_ds=train_ds,
-        val_ds=None,
-        lora_cfg=settings,
-        peft_config=lora_config(lora_cfg),
-        log_metrics=log_metrics,
-        metric_names=CPT_METRIC_NAMES,
-    )
-    trainer.qa_lab_cpt_counts = counts  # read back by train_cpt for the summary
-    return trainer
-
-
-def _param_counts(model: Any) -> tuple[int, int]:
-    """Trainable and total parameters, counted by PEFT where it wraps the model.
-
-    A bitsandbytes 4-bit weight is stored two values per byte, so `numel()` sees half of it;
-    PEFT's count unpacks it (a 7B base would otherwise report ~3.8B).
-    """
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
-def run_training(trainer: Any, out_dir: Path) -> dict[str, Any]:
-    """Train, save the adapter, tokenizer and log history into `out_dir`, and summarise.
-
-    Throughput counts real (non-padding) tokens: every training sequence once per epoch run,
-    divided by the time spent training, i.e. the `train()` wall time minus evaluation time.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = trainer.model
-    trainable, total = _param_counts(model)
-    start = time.perf_counter()
-    result = trainer.train()
-    wall = time.perf_counter() - start
-    history = list(trainer.state.log_history)
-    eval_logs = [log for log in history if "eval_loss" in log]
-    eval_s = sum(float(log.get("eval_runtime", 0.0)) for log in eval_logs)
-    train_s = max(wall - eval_s, 1e-9)
-    epochs_run = float(trainer.state.epoch or 0.0)
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-    train_tokens = int(round(sum(lengths) * epochs_run))
-    train_losses = [float(log["loss"]) for log in history if "loss" in log]
-    val_losses = [float(log["eval_loss"]) for log in eval_logs]
-
-    # Trainer turns the model's KV cache off for training; generation afterwards wants it.
-    model.config.use_cache = True
-    model.eval()
-    model.save_pretrained(out_dir)
-    trainer.processing_class.save_pretrained(out_dir)
-    (out_dir / TRAINER_LOG).write_text(json.dumps(history, indent=1), encoding="utf-8")
-    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-    cut = getattr(trainer, "qa_lab_truncation", {"truncated": 0, "dropped": 0})
-    return {
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_examples": len(lengths),
-        "truncated_examples": cut["truncated"],
-        "dropped_examples": cut["dropped"],
-        "epochs_run": epochs_run,
-        "steps": int(trainer.state.global_step),
-        "train_tokens": train_tokens,
-        "tokens_per_s": train_tokens / train_s,
-        "examples_per_s": len(lengths) * epochs_run / train_s,
-        "wall_s": wall,
-        "eval_s": eval_s,
-        "first_train_loss": train_losses[0] if train_losses else None,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "mean_train_loss": float(result.training_loss),
-        "val_loss_per_epoch": val_losses,  # [0] is before training (eval_on_start)
-        "initial_val_loss": val_losses[0] if val_losses else None,
-        "final_val_loss": val_losses[-1] if val_losses else None,
-        "best_val_loss": min(val_losses) if val_losses else None,
-        "stopped_early": epochs_run + 1e-6 < float(trainer.args.num_train_epochs),
-    }
 
 
 def train_lora(
@@ -685,7 +339,7 @@ def train_lora(
     tokenizer: Any,
     train_examples: list[dict],
     val_examples: list[dict],
-    lora_cfg: Mapping[str, Any] | Any,
+    lora: LoraOptions,
     out_dir: Path,
     log_metrics: MetricsFn | None = None,
     init_adapter: Path | None = None,
@@ -698,13 +352,13 @@ def train_lora(
         tokenizer: its tokenizer; saved next to the adapter.
         train_examples: `prompts.sft_example` dicts (conversational prompt + completion).
         val_examples: the same for validation loss per epoch (may be empty: no evaluation).
-        lora_cfg: the `model` config group (`conf/model/lora.yaml` keys).
+        lora: the `model` node as `lora_options` read it.
         out_dir: receives adapter_model.safetensors, adapter_config.json, the tokenizer files
             and trainer_log.json (the trainer's log history).
         log_metrics: called as `log_metrics({name: value}, step)` on every log
             (`train/loss`, `train/learning_rate`, `train/grad_norm`, `train/epoch`, `val/loss`).
-        init_adapter: a saved adapter (`train_cpt`'s) to continue instead of a fresh one; its
-            LoRA settings are the ones it was saved with. `model` must be a fresh base then.
+        init_adapter: a saved adapter (`cpt.train_cpt`'s) to continue instead of a fresh one;
+            its LoRA settings are the ones it was saved with. `model` must be a fresh base then.
 
     Returns:
         A JSON-ready summary: trainable_params, total_params, train_examples,
@@ -714,61 +368,17 @@ def train_lora(
         first_train_loss, final_train_loss (first/last logged step), mean_train_loss,
         val_loss_per_epoch, best_val_loss (None without validation), stopped_early.
     """
-    trainer = build_trainer(
-        model=model,
-        tokenizer=tokenizer,
-        train_examples=train_examples,
-        val_examples=val_examples,
-        lora_cfg=lora_cfg,
-        out_dir=out_dir,
-        log_metrics=log_metrics,
-        init_adapter=init_adapter,
+    # no name kept for the trainer: fit_and_release holds its last reference and frees it
+    return fit_and_release(
+        build_trainer(
+            model=model,
+            tokenizer=tokenizer,
+            train_examples=train_examples,
+            val_examples=val_examples,
+            lora=lora,
+            out_dir=out_dir,
+            log_metrics=log_metrics,
+            init_adapter=init_adapter,
+        ),
+        out_dir,
     )
-    summary = run_training(trainer, out_dir)
-    del trainer  # its optimizer state and the PEFT wrapper: GPU memory the next sweep job needs
-    release()
-    return summary
-
-
-def train_cpt(
-    *,
-    model: Any,
-    tokenizer: Any,
-    texts: Sequence[str],
-    lora_cfg: Mapping[str, Any] | Any,
-    out_dir: Path,
-    log_metrics: MetricsFn | None = None,
-) -> dict[str, Any]:
-    """Continued pretraining: a LoRA adapter trained on plain texts, saved into `out_dir`.
-
-    The adapter has the SFT's LoRA settings (r, alpha, dropout, target modules), so the SFT can
-    continue it (`train_lora(init_adapter=out_dir)`) into the one adapter that is served.
-
-    Args:
-        model: the base causal LM, as for `train_lora`; LoRA layers are injected into it in
-            place, so the SFT that continues the adapter needs a fresh base.
-        tokenizer: its tokenizer; saved next to the adapter.
-        texts: the CPT texts (`cpt_texts`); empty ones are dropped and counted.
-        lora_cfg: the `model` config group; `model.cpt` gives epochs, learning rate, batch
-            size and window length, everything else (seed, schedule, ...) is the model node's.
-        out_dir: receives the adapter, the tokenizer files and trainer_log.json.
-        log_metrics: called as `log_metrics({name: value}, step)` on every step with
-            `cpt/loss`, `cpt/learning_rate`, `cpt/grad_norm`, `cpt/epoch`.
-
-    Returns:
-        A JSON-ready summary: run_training's `CPT_SUMMARY` keys (train_tokens counts window
-        tokens, eos included) and the `CptCounts` (texts, windows, split_texts, empty_texts).
-    """
-    trainer = build_cpt_trainer(
-        model=model,
-        tokenizer=tokenizer,
-        texts=texts,
-        lora_cfg=lora_cfg,
-        out_dir=out_dir,
-        log_metrics=log_metrics,
-    )
-    summary = run_training(trainer, out_dir)
-    counts = trainer.qa_lab_cpt_counts
-    del trainer  # as in train_lora: memory the SFT that follows needs
-    release()
-    return {**{key: summary[key] for key in CPT_SUMMARY}, **asdict(counts)}

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 
 from qa_lab import metrics, prompts
+from qa_lab import retrieval_metrics as rm
 from qa_lab.errors import QaLabError
 from qa_lab.records import EvalRow
 from tests.conftest import compose_cfg
@@ -108,9 +109,26 @@ def test_bad_options_name_their_key():
     del cfg["attribution"]["use_judge"]
     with pytest.raises(QaLabError, match=r"metrics\.attribution\.use_judge is missing"):
         metrics.MetricsOptions.from_cfg(cfg)
+    del cfg["attribution"]  # no node at all: its first key is named
+    with pytest.raises(QaLabError, match=r"metrics\.attribution\.metric is missing"):
+        metrics.MetricsOptions.from_cfg(cfg)
     opts = metrics.MetricsOptions.from_cfg(metrics_cfg()).attribution
     assert (opts.metric, opts.threshold, opts.use_judge) == ("token_f1", 0.5, False)
     assert metrics.MetricsOptions.from_cfg(metrics_cfg("judge")).attribution.use_judge
+
+
+def test_attribution_columns_from_plain_columns():
+    """Rows (gold retrieved, right?) and a token F1 column given by hand, NaN for a lost item."""
+    rows = _rows()[:3]  # gold retrieved, gold retrieved, gold not retrieved
+    f1 = {"token_f1": [0.9, 0.1, math.nan]}
+    opts = rm.AttributionOptions(metric="token_f1", threshold=0.5, use_judge=False)
+    out = rm.attribution_columns(rows, f1.__getitem__, opts)
+    assert out["correct"][:2] == [1.0, 0.0] and math.isnan(out["correct"][2])
+    assert [out[c][:2] for c in ("both_right", "generator_miss")] == [[1.0, 0.0], [0.0, 1.0]]
+    assert all(math.isnan(out[c][2]) for c in CELLS)  # no verdict: in no cell
+    assert rm.attribution_columns(rows, f1.__getitem__, replace(opts, metric=None)) == {}
+    closed = rm.attribution_columns(_rows(retrieval=False)[:3], f1.__getitem__, opts)
+    assert list(closed) == ["correct"]
 
 
 def test_judge_verdict_decides_right(store, tmp_path):

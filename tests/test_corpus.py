@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from qa_lab import corpus, evidence, keys, stages
+from qa_lab import corpus, datastore, evidence, keys, stages
 from qa_lab.config import PROJECT_ROOT, to_dict
 from qa_lab.errors import QaLabError
 from qa_lab.jsonl import write_jsonl
@@ -131,7 +131,7 @@ def test_gold_from_named_evidence_and_inferred(store, docs):
         QAItem("q4", "What do Bloom filters answer?", NOTES),
         QAItem("q5", "Capital of France?", "Paris is the capital of France."),
     ]
-    embed = stages._question_embedder(_cfg(store, docs))
+    embed = stages.corpus.question_embedder(_cfg(store, docs))
     gold = evidence.gold_for(items, kb, embed, threshold=0.8)
     assert gold[0] == ("evidence", tuple(eviction))
     write_back = [c for c in kb.chunks if c.id in gold[1][1]]
@@ -186,7 +186,7 @@ def test_train_qa_corpus_is_the_training_pairs(store, small_source):
     )
     data = stages.build_dataset(cfg)
     kb = stages.corpus_for(cfg, data)
-    train = stages.datastore.read_split(data, "train")
+    train = datastore.read_split(data, "train")
     assert [p.item_id for p in kb.passages] == [it.id for it in train]
     assert kb.texts == [] and kb.kind == "train_qa"
     manifest = json.loads((data / "manifest.json").read_text())
@@ -348,9 +348,7 @@ def test_dataset_synthesised_from_the_corpus_without_a_qa_file(store, docs):
     counts = manifest["counts"]
     assert counts["synthetic_kept"] + counts["synthetic_rejected"] == 2 * len(kb.chunks)
     assert manifest["key"] == stages.dataset_key(cfg)
-    rows = [
-        r for split in ("train", "val", "test") for r in stages.datastore.read_split(folder, split)
-    ]
+    rows = [r for split in ("train", "val", "test") for r in datastore.read_split(folder, split)]
     chunk_ids = {c.id for c in kb.chunks}
     assert rows and all(
         r.evidence["chunk"] in chunk_ids and r.seed_id == r.evidence["chunk"] for r in rows

@@ -127,7 +127,7 @@ def test_4bit_load_puts_linear4bit_layers_on_the_device(mistral_folder: Path) ->
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
-    from qa_lab import models, training
+    from qa_lab import lora_trainer, models
 
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -139,7 +139,7 @@ def test_4bit_load_puts_linear4bit_layers_on_the_device(mistral_folder: Path) ->
     assert {m.compute_dtype for m in four_bit} == {torch.bfloat16}
     full = sum(p.numel() for p in _load(mistral_folder, four_bit=False).parameters())
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
-    _, total = training._param_counts(peft_model)
+    _, total = lora_trainer._param_counts(peft_model)
     lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert total == full + lora  # packed 4-bit weights counted unpacked (PEFT's count)
     record(
@@ -207,7 +207,7 @@ def _lora_cfg(**extra: Any) -> dict[str, Any]:
         "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
         "learning_rate": 2e-3, "epochs": 8, "batch_size": 4, "grad_accum": 1,
         "max_length": 128, "warmup_ratio": 0.0, "weight_decay": 0.0, "lr_scheduler": "constant",
-        "seed": 0, "group_by_length": False, **extra,
+        "seed": 0, "group_by_length": False, "context": "none", "context_k": 3, **extra,
     }  # fmt: skip
 
 
@@ -217,7 +217,7 @@ def test_qlora_step_uses_the_stock_trainer_and_loss_falls(
     pytest.importorskip("bitsandbytes")
     from trl import SFTTrainer
 
-    from qa_lab import prompts, training
+    from qa_lab import lora_trainer, prompts, training
     from qa_lab.records import QAItem
 
     model = _load(mistral_folder, four_bit=True, training=True)
@@ -230,12 +230,12 @@ def test_qlora_step_uses_the_stock_trainer_and_loss_falls(
         tokenizer=tokenizer,
         train_examples=examples,
         val_examples=[],
-        lora_cfg=_lora_cfg(),
+        lora=training.lora_options(_lora_cfg()),
         out_dir=tmp_path,
     )
     assert type(trainer) is SFTTrainer  # the fused-loss trainer, not the CPU subclass
     assert trainer.args.activation_checkpointing and trainer.args.optim == "paged_adamw_8bit"
-    summary = training.run_training(trainer, tmp_path)
+    summary = lora_trainer.run_training(trainer, tmp_path)
     record(
         "qlora_train",
         steps=summary["steps"],

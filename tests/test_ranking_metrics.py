@@ -15,7 +15,12 @@ from ir_measures import RR, R, nDCG
 
 from qa_lab import metrics, traces
 from qa_lab.records import EvalRow
-from qa_lab.retrieval_metrics import answer_in_context, gold_retrieved, ranking_scores
+from qa_lab.retrieval_metrics import (
+    answer_in_context,
+    gold_retrieved,
+    ranking_scores,
+    retrieval_columns,
+)
 from tests.test_metrics import EMBEDDER, metrics_cfg
 
 
@@ -148,6 +153,21 @@ def test_retrieval_group_scores_chunks_and_names_run_metrics():
     # no row with gold (corpus=train_qa): no ranking columns at all, answer_in_context stays
     no_gold = _scored([{k: v for k, v in rows[0].items() if k not in ("gold",)}])
     assert "mrr" not in no_gold.per_item[0] and "answer_in_context" in no_gold.per_item[0]
+
+
+def test_closed_book_rows_get_no_retrieval_columns():
+    """Vanilla and LoRA rows retrieve nothing: the group adds no column, not a NaN one."""
+    rows = [{"item_id": "a", "question": "q", "prediction": "p", "reference": "r"}]
+    records = [EvalRow.from_dict(r) for r in rows]
+    columns = retrieval_columns(
+        records, ["r"], ["p"], copy_threshold=0.5, stemmer=False, embedder=EMBEDDER
+    )
+    assert columns == {}
+    assert _scored(rows).per_item == [{}]
+    retrieved = [{**rows[0], "retrieved": _chunks("c1")}]
+    names = set(_scored(retrieved).per_item[0])
+    assert {"retrieval_top1_score", "copied", "answer_in_context"} <= names
+    assert "mrr" not in names  # no gold
 
 
 def test_run_names_are_valid_mlflow_metric_names():

@@ -18,7 +18,8 @@ from qa_lab.cache import stable_hash
 from qa_lab.corpus import Corpus
 from qa_lab.errors import QaLabError
 from qa_lab.records import Passage
-from qa_lab.retrieval import Bm25Options, FusionOptions, Retriever, make_retriever
+from qa_lab.retrieval import Retriever, make_retriever
+from qa_lab.sparse import Bm25Options, FusionOptions, bm25_tokens, rrf
 from tests.conftest import compose_cfg
 
 TEXTS = (
@@ -83,9 +84,9 @@ def _ids(results: list[list[Passage]]) -> list[list[str]]:
 def test_bm25_scores_agree_with_rank_bm25(tmp_path, method, baseline, scale):
     opts = Bm25Options(method=method)
     retriever = Retriever("bm25", len(TEXTS), _chunks(), cache_dir=tmp_path, bm25=opts)
-    reference = baseline(retrieval.bm25_tokens(TEXTS, opts))
+    reference = baseline(bm25_tokens(TEXTS, opts))
     for query, found in zip(QUERIES, retriever.search(QUERIES)):
-        expected = reference.get_scores(retrieval.bm25_tokens([query], opts)[0]) * scale
+        expected = reference.get_scores(bm25_tokens([query], opts)[0]) * scale
         order = np.argsort(-expected, kind="stable")
         assert [p.item_id for p in found] == [f"c{i}" for i in order]
         np.testing.assert_allclose([p.score for p in found], expected[order], rtol=1e-5)
@@ -96,11 +97,11 @@ def test_bm25_lucene_is_okapi_tf_with_a_never_negative_idf(tmp_path):
     """The default variant, by its formula over rank_bm25's corpus statistics."""
     opts = Bm25Options()
     (found,) = Retriever("bm25", 3, _chunks(), cache_dir=tmp_path, bm25=opts).search(QUERIES[:1])
-    stats = BM25Okapi(retrieval.bm25_tokens(TEXTS, opts))
+    stats = BM25Okapi(bm25_tokens(TEXTS, opts))
     n, k1, b = stats.corpus_size, opts.k1, opts.b
     df = {w: sum(w in doc for doc in stats.doc_freqs) for doc in stats.doc_freqs for w in doc}
     expected = np.zeros(n)
-    for word in retrieval.bm25_tokens(QUERIES[:1], opts)[0]:
+    for word in bm25_tokens(QUERIES[:1], opts)[0]:
         idf = math.log(1 + (n - df.get(word, 0) + 0.5) / (df.get(word, 0) + 0.5))
         for d, freqs in enumerate(stats.doc_freqs):
             tf = freqs.get(word, 0)
@@ -137,20 +138,20 @@ def test_a_train_qa_corpus_works_with_bm25(tmp_path):
 def test_rrf_equals_the_hand_computed_fusion():
     dense, bm25 = [3, 1, 2], [1, 4, 3]
     # rrf_k=1, equal weights: 1 -> 1/3 + 1/2, 3 -> 1/2 + 1/4, 4 -> 1/3, 2 -> 1/4
-    fused = retrieval.rrf({"dense": dense, "bm25": bm25}, {"dense": 1, "bm25": 1}, 1)
+    fused = rrf({"dense": dense, "bm25": bm25}, {"dense": 1, "bm25": 1}, 1)
     assert [d for d, _ in fused] == [1, 3, 4, 2]
     np.testing.assert_allclose([s for _, s in fused], [5 / 6, 3 / 4, 1 / 3, 1 / 4])
     # rrf_k=60, bm25 weighted 2: 1 -> 1/62 + 2/61 = .04892, 3 -> 1/61 + 2/63 = .04814,
     # 4 -> 2/62 = .03226, 2 -> 1/63 = .01587
-    fused = retrieval.rrf({"dense": dense, "bm25": bm25}, {"dense": 1, "bm25": 2}, 60)
+    fused = rrf({"dense": dense, "bm25": bm25}, {"dense": 1, "bm25": 2}, 60)
     assert [d for d, _ in fused] == [1, 3, 4, 2]
     np.testing.assert_allclose(
         [s for _, s in fused], [1 / 62 + 2 / 61, 1 / 61 + 2 / 63, 2 / 62, 1 / 63]
     )
     # a tie (1/61 + 1/62 each) keeps the dense list's order; weight 0 leaves a list out
-    tie = retrieval.rrf({"dense": [5, 6], "bm25": [6, 5]}, {"dense": 1, "bm25": 1}, 60)
+    tie = rrf({"dense": [5, 6], "bm25": [6, 5]}, {"dense": 1, "bm25": 1}, 60)
     assert [d for d, _ in tie] == [5, 6] and tie[0][1] == tie[1][1]
-    assert retrieval.rrf({"dense": [5], "bm25": [6]}, {"dense": 0, "bm25": 1}, 60) == [(6, 1 / 61)]
+    assert rrf({"dense": [5], "bm25": [6]}, {"dense": 0, "bm25": 1}, 60) == [(6, 1 / 61)]
 
 
 def test_hybrid_fuses_the_dense_and_bm25_retrievers_own_rankings(tmp_path):
@@ -160,7 +161,7 @@ def test_hybrid_fuses_the_dense_and_bm25_retrievers_own_rankings(tmp_path):
     sparse = Retriever("bm25", n, kb, cache_dir=tmp_path).search(QUERIES)
     for found, d, s in zip(hybrid.search(QUERIES), dense, sparse):
         rankings = {"dense": [p.item_id for p in d], "bm25": [p.item_id for p in s if p.score > 0]}
-        expected = retrieval.rrf(rankings, {"dense": 1.0, "bm25": 1.0}, 10)[:4]
+        expected = rrf(rankings, {"dense": 1.0, "bm25": 1.0}, 10)[:4]
         assert [(p.item_id, pytest.approx(p.score)) for p in found] == expected
     assert hybrid.stats()["index_bytes"] > 0
 

@@ -162,7 +162,7 @@ def test_retriever_k_zero_builds_the_no_retrieval_prompt(store, small_source):
     texts = []
     for cfg in (none_cfg, zero_cfg):
         kb = stages.corpus_for(cfg, folder)
-        passages = stages._retriever(cfg, kb).search([it.question for it in items])
+        passages = stages.corpus.retriever_for(cfg, kb).search([it.question for it in items])
         texts.append(
             [
                 prompts.render_prompt(

@@ -146,3 +146,13 @@ def test_effects_2x2_recovers_simulated_effects():
     assert out["rag"]["p_value"] < 0.01 and out["ft"]["p_value"] < 0.01
     assert out["interaction"]["ci_low"] < 0.0 < out["interaction"]["ci_high"]
     assert out["interaction"]["p_value"] > 0.05
+
+
+def test_sign_flip_p_and_cohen_dz_by_hand():
+    # Units with sums 1, 1, 1 (one item each): the exact flips give p = 2/8; sd 0 gives dz 0.
+    sums, counts = np.ones(3), np.ones(3)
+    signs, exact = stats._sign_matrix(3, 400, np.random.default_rng(0))
+    assert exact and stats.sign_flip_p(sums, counts, 1.0, signs, exact) == pytest.approx(0.25)
+    assert stats.cohen_dz(sums, counts, 1.0) == 0.0
+    # Unit means 1, 2, 3 (sd 1) with mean difference 2: dz = 2.
+    assert stats.cohen_dz(np.array([1.0, 4.0, 3.0]), np.array([1.0, 2.0, 1.0]), 2.0) == 2.0

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qa_lab import synthesis
+from qa_lab import corpus_synthesis, synthesis
 from qa_lab.errors import QaLabError
 from qa_lab.records import QAItem
 
@@ -124,21 +124,24 @@ COVERING = shipped_section("databases/indexing.md", "Covering Indexes")
 
 def test_parse_pair_cuts_the_answer_at_the_next_pair():
     reply = "Question: What is a covering index?\nAnswer: One that holds\nall.\nQuestion: x"
-    assert synthesis.parse_pair(reply) == ("What is a covering index?", "One that holds all.")
-    assert synthesis.parse_pair("question: Why?\n\nANSWER: Yes.\n\nMore") == ("Why?", "Yes.")
-    assert synthesis.parse_pair("Question: What is an index?") == ("", "")  # no answer
-    assert synthesis.parse_pair("This passage is about indexes.") == ("", "")
+    assert corpus_synthesis.parse_pair(reply) == (
+        "What is a covering index?",
+        "One that holds all.",
+    )
+    assert corpus_synthesis.parse_pair("question: Why?\n\nANSWER: Yes.\n\nMore") == ("Why?", "Yes.")
+    assert corpus_synthesis.parse_pair("Question: What is an index?") == ("", "")  # no answer
+    assert corpus_synthesis.parse_pair("This passage is about indexes.") == ("", "")
 
 
 def test_support_and_copied_runs_on_a_shipped_section():
     text = COVERING.text
-    assert synthesis.support("It contains every column a query needs.", text) == 1.0
+    assert corpus_synthesis.support("It contains every column a query needs.", text) == 1.0
     # content words: index, shards, tables, data, centers -> only "index" is in the section
-    assert synthesis.support("An index shards tables across data centers.", text) == 0.2
-    assert synthesis.support("It is what it is.", text) == 0.0  # stopwords only
-    assert synthesis.longest_common_run("Does the visibility map matter here?", text) == 3
+    assert corpus_synthesis.support("An index shards tables across data centers.", text) == 0.2
+    assert corpus_synthesis.support("It is what it is.", text) == 0.0  # stopwords only
+    assert corpus_synthesis.longest_common_run("Does the visibility map matter here?", text) == 3
     question = "Why does a covering index contain every column a query needs, in its key?"
-    assert synthesis.longest_common_run(question, text) == 5  # "every column a query needs"
+    assert corpus_synthesis.longest_common_run(question, text) == 5  # "every column a query needs"
 
 
 def test_validate_corpus_keeps_supported_pairs_and_counts_rejects_by_reason():
@@ -155,8 +158,8 @@ def test_validate_corpus_keeps_supported_pairs_and_counts_rejects_by_reason():
         "Question: What " + "exactly " * 50 + "is it?\nAnswer: Every column a query needs.",
         "Question: Covering indexes avoid row lookups.\nAnswer: Row lookups are avoided.",
     ]
-    pairs = [synthesis.parse_pair(r) for r in replies]
-    kept, rejects = synthesis.validate_corpus(
+    pairs = [corpus_synthesis.parse_pair(r) for r in replies]
+    kept, rejects = corpus_synthesis.validate_corpus(
         COVERING, pairs, min_chars=12, max_chars=300, min_support=0.7
     )
     assert kept == [0]
@@ -177,14 +180,14 @@ def test_a_rejected_question_does_not_make_its_repeat_a_duplicate():
         ("What does a covering index hold?", "Shards of data centers."),
         ("What does a covering index hold?", "Every column a query needs."),
     ]
-    kept, rejects = synthesis.validate_corpus(
+    kept, rejects = corpus_synthesis.validate_corpus(
         COVERING, pairs, min_chars=12, max_chars=300, min_support=0.7
     )
     assert (kept, rejects) == ([1], {"unsupported": 1})
 
 
 def test_corpus_item_carries_topic_lineage_and_evidence():
-    item = synthesis.corpus_item(COVERING, 1, "What does it hold?", "Every column.", "gen")
+    item = corpus_synthesis.corpus_item(COVERING, 1, "What does it hold?", "Every column.", "gen")
     assert item.id == f"{COVERING.id}~q1" and item.seed_id == COVERING.id
     assert (item.topic, item.source, item.generator) == ("databases", "synthetic", "gen")
     assert item.evidence == {
@@ -193,7 +196,7 @@ def test_corpus_item_carries_topic_lineage_and_evidence():
         "chunk": COVERING.id,
     }
     top = Chunk("readme#0", "README.md", "Readme", "", "Some text.")
-    item = synthesis.corpus_item(top, 0, "What?", "Text.", "gen")
+    item = corpus_synthesis.corpus_item(top, 0, "What?", "Text.", "gen")
     assert item.topic == "" and item.evidence == {"document": "README.md", "chunk": "readme#0"}
 
 
@@ -228,7 +231,7 @@ def test_synthesize_from_corpus_with_the_embedded_model(tmp_path):
     by_id = {c.id: c for c in chunks}
 
     def run():
-        return synthesis.synthesize_from_corpus(
+        return corpus_synthesis.synthesize_from_corpus(
             opts, chunks, cache_dir=tmp_path, models_dir=MODELS_DIR
         )
 
@@ -246,6 +249,6 @@ def test_synthesize_from_corpus_with_the_embedded_model(tmp_path):
     for item in items:
         chunk = by_id[item.seed_id]
         assert item.evidence["chunk"] == chunk.id and item.id.startswith(f"{chunk.id}~q")
-        assert synthesis.support(item.answer, chunk.text) >= opts.min_support
+        assert corpus_synthesis.support(item.answer, chunk.text) >= opts.min_support
         assert synthesis.reads_as_question(item.question) and item.topic == "databases"
     assert run() == (items, rejects)  # the same rows again, read from the answer cache

@@ -7,6 +7,7 @@ trained adapter: masking, learning, stopping, save/reload and merging are checke
 from __future__ import annotations
 
 import os
+import weakref
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qa_lab import models, training
+from qa_lab import cpt, lora_trainer, models, training
 from qa_lab.errors import QaLabError
 from qa_lab.prompts import render_prompt, sft_example
 from qa_lab.records import QAItem
@@ -109,7 +110,7 @@ def trained(llm_cfg, tokenizer, examples, train_cfg, tmp_path_factory) -> Simple
             tokenizer=tokenizer,
             train_examples=examples,
             val_examples=examples[:2],
-            lora_cfg=train_cfg.model,
+            lora=training.lora_options(train_cfg.model),
             out_dir=out_dir,
             log_metrics=lambda metrics, step: logged.append((metrics, step)),
         )
@@ -118,7 +119,7 @@ def trained(llm_cfg, tokenizer, examples, train_cfg, tmp_path_factory) -> Simple
             for name, p in trainer.model.named_parameters()
             if "lora_" in name
         }
-        summary = training.run_training(trainer, out_dir)
+        summary = lora_trainer.run_training(trainer, out_dir)
         active_run = mlflow.active_run()
     return SimpleNamespace(
         trainer=trainer,
@@ -141,7 +142,7 @@ def test_labels_mask_the_prompt_and_supervise_answer_and_end_of_turn(
         tokenizer=tokenizer,
         train_examples=examples,
         val_examples=[],
-        lora_cfg=train_cfg.model,
+        lora=training.lora_options(train_cfg.model),
         out_dir=tmp_path,
     )
     eot = training.end_of_turn_id(tokenizer)
@@ -261,8 +262,8 @@ def test_saved_adapter_reloads_and_merges_to_the_same_outputs(
     trained, llm_cfg, tokenizer, examples
 ):
     files = {p.name for p in trained.out_dir.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", training.TRAINER_LOG} <= files
-    assert "tokenizer.json" in files and training.CHECKPOINTS not in files
+    assert {"adapter_model.safetensors", "adapter_config.json", lora_trainer.TRAINER_LOG} <= files
+    assert "tokenizer.json" in files and lora_trainer.CHECKPOINTS not in files
     assert all("lora_" in k for k in load_file(trained.out_dir / "adapter_model.safetensors"))
 
     expected = greedy(trained.model, tokenizer, examples)
@@ -324,7 +325,7 @@ def test_total_params_count_packed_4bit_weights_unpacked():
             self.packed = Params4bit(torch.zeros(32, dtype=torch.uint8), requires_grad=False)
 
     model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["proj"]))
-    trainable, total = training._param_counts(model)
+    trainable, total = lora_trainer._param_counts(model)
     assert trainable == 2 * 8 + 8 * 2
     assert total == 8 * 8 + 8 + trainable + 2 * 32  # 32 bytes hold 64 weights
 
@@ -338,7 +339,8 @@ def test_training_opens_no_mlflow_run(trained):
 
 
 def test_cpu_config_switches_off_bf16_and_checkpointing(base_model, train_cfg, tmp_path):
-    args = training.sft_config(train_cfg.model, model=base_model, output_dir=tmp_path, has_val=True)
+    lora = training.lora_options(train_cfg.model)
+    args = lora_trainer.sft_config(lora, model=base_model, output_dir=tmp_path, has_val=True)
     if not torch.cuda.is_available():
         assert not args.bf16 and not args.gradient_checkpointing
         assert not args.activation_checkpointing
@@ -348,27 +350,97 @@ def test_cpu_config_switches_off_bf16_and_checkpointing(base_model, train_cfg, t
     assert args.train_sampling_strategy == "group_by_length"
 
 
+def test_default_options_give_the_yaml_schedule(base_model, tmp_path):
+    """conf/model/lora.yaml's numbers reach TRL and PEFT as the YAML states them."""
+    node = compose_cfg("train").model
+    lora = training.lora_options(node)
+    assert lora == training.LoraOptions(
+        r=16,
+        alpha=32,
+        dropout=0.05,
+        target_modules="all-linear",
+        learning_rate=1e-4,
+        epochs=2.0,
+        batch_size=8,
+        grad_accum=1,
+        max_length=256,
+        warmup_ratio=0.05,
+        weight_decay=0.0,
+        lr_scheduler="linear",
+        seed=42,
+        group_by_length=True,
+        early_stopping_patience=None,
+        max_train_rows=None,
+        context="none",
+        context_k=3,
+        knowledge="corpus",
+        adapter=None,
+    )
+    args = lora_trainer.sft_config(lora, model=base_model, output_dir=tmp_path, has_val=True)
+    assert (args.learning_rate, args.num_train_epochs, args.warmup_steps) == (1e-4, 2.0, 0.05)
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (8, 8)
+    assert (args.gradient_accumulation_steps, args.weight_decay) == (1, 0.0)
+    assert (args.seed, args.data_seed, args.lr_scheduler_type) == (42, 42, "linear")
+    assert args.train_sampling_strategy == "group_by_length" and args.max_length is None
+    assert (args.logging_steps, args.padding_free, args.load_best_model_at_end) == (1, False, False)
+    peft = lora_trainer.lora_config(lora)
+    assert (peft.r, peft.lora_alpha, peft.lora_dropout) == (16, 32, 0.05)
+    assert peft.target_modules == "all-linear" and peft.bias == "none"
+    assert cpt.cpt_options(node) == cpt.CptOptions(
+        epochs=1.0, learning_rate=2e-4, batch_size=8, max_length=256
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("learning_rate", "abc", "model.learning_rate='abc' is not a number"),
+        ("r", 0, "model.r=0 must be >= 1"),
+        ("batch_size", 2.5, "model.batch_size=2.5 is not a whole number"),
+        ("dropout", 1.0, "model.dropout=1.0 must be < 1"),
+        ("warmup_ratio", 3, "model.warmup_ratio=3 must be < 1"),
+        ("lr_scheduler", "linaer", "model.lr_scheduler='linaer' is not one of: linear, cosine"),
+        ("context", "rag", "model.context='rag' is not one of: none, retrieved"),
+        ("knowledge", "rag", "model.knowledge='rag' is not one of: qa, corpus, both"),
+        ("group_by_length", "yes", "model.group_by_length='yes' is not true or false"),
+        ("early_stopping_patience", 0, "model.early_stopping_patience=0 must be >= 1"),
+        ("target_modules", [], "model.target_modules=[] is not a module name"),
+        ("seed", None, "model.seed is not set; see conf/model/lora.yaml"),
+    ],
+)
+def test_a_bad_lora_value_is_one_line_naming_its_key(train_cfg, key, value, message):
+    with pytest.raises(QaLabError) as err:
+        training.lora_options({**train_cfg.model, key: value})
+    assert str(err.value).startswith(message)
+
+
+def test_lora_options_read_every_key_and_the_nulls_mean_what_the_yaml_says(train_cfg):
+    node = dict(train_cfg.model)
+    left_out = ("target_modules", "early_stopping_patience", "max_train_rows", "knowledge")
+    lora = training.lora_options({k: v for k, v in node.items() if k not in left_out})
+    assert (lora.target_modules, lora.early_stopping_patience) == ("all-linear", None)
+    assert (lora.max_train_rows, lora.knowledge, lora.adapter) == (None, "qa", None)
+    names = training.lora_options({**node, "target_modules": ["q_proj", "v_proj"]})
+    assert names.target_modules == ("q_proj", "v_proj")
+    # a sweep value typed on the command line arrives as a string
+    assert training.lora_options({**node, "learning_rate": "5e-5"}).learning_rate == 5e-5
+    with pytest.raises(QaLabError, match=r"^model\.max_length is not set"):
+        training.lora_options({k: v for k, v in node.items() if k != "max_length"})
+
+
+def test_scheduler_names_are_the_ones_transformers_knows():
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(training.LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
 def test_early_stopping_saves_per_epoch_and_needs_validation(base_model, train_cfg, tmp_path):
-    cfg = dict(train_cfg.model, early_stopping_patience=1)
-    args = training.sft_config(cfg, model=base_model, output_dir=tmp_path, has_val=True)
+    lora = training.lora_options(dict(train_cfg.model, early_stopping_patience=1))
+    args = lora_trainer.sft_config(lora, model=base_model, output_dir=tmp_path, has_val=True)
     assert args.save_strategy == "epoch" and args.load_best_model_at_end
     assert args.metric_for_best_model == "eval_loss" and not args.greater_is_better
     with pytest.raises(QaLabError, match="early_stopping_patience"):
-        training.sft_config(cfg, model=base_model, output_dir=tmp_path, has_val=False)
-
-
-def test_missing_lora_setting_is_a_one_line_error(base_model, train_cfg, tmp_path):
-    cfg = {k: v for k, v in train_cfg.model.items() if k not in ("max_length", "target_modules")}
-    assert training.lora_config(cfg).target_modules == "all-linear"  # the one default
-    with pytest.raises(QaLabError, match=r"model\.max_length"):
-        training.build_trainer(
-            model=base_model,
-            tokenizer=None,
-            train_examples=[{"prompt": [], "completion": []}],
-            val_examples=[],
-            lora_cfg=cfg,
-            out_dir=tmp_path,
-        )
+        lora_trainer.sft_config(lora, model=base_model, output_dir=tmp_path, has_val=False)
 
 
 def test_early_stopping_run_leaves_only_the_adapter(
@@ -380,13 +452,36 @@ def test_early_stopping_run_leaves_only_the_adapter(
         tokenizer=tokenizer,
         train_examples=examples[:4],
         val_examples=examples[:2],
-        lora_cfg=cfg,
+        lora=training.lora_options(cfg),
         out_dir=tmp_path,
     )
     assert 2 <= len(summary["val_loss_per_epoch"]) <= 3  # start + 1-2 epochs
     assert summary["best_val_loss"] == min(summary["val_loss_per_epoch"])
     assert (tmp_path / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / training.CHECKPOINTS).exists()
+    assert not (tmp_path / lora_trainer.CHECKPOINTS).exists()
+
+
+def test_fit_and_release_frees_the_trainer_it_was_handed(
+    llm_cfg, tokenizer, examples, train_cfg, tmp_path
+):
+    """The optimizer state and PEFT wrapper do not outlive the run (the next job's memory)."""
+    refs: list[weakref.ref] = []
+
+    def built() -> Any:
+        trainer = training.build_trainer(
+            model=fresh_model(llm_cfg),
+            tokenizer=tokenizer,
+            train_examples=examples[:2],
+            val_examples=[],
+            lora=training.lora_options(dict(train_cfg.model, epochs=1)),
+            out_dir=tmp_path,
+        )
+        refs.append(weakref.ref(trainer))
+        return trainer
+
+    summary = lora_trainer.fit_and_release(built(), tmp_path)
+    assert summary["steps"] == 1 and (tmp_path / "adapter_model.safetensors").is_file()
+    assert refs[0]() is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
@@ -404,11 +499,11 @@ def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         torch.set_num_threads(1)
-        training._use_all_cpus()
+        lora_trainer._use_all_cpus()
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        training._use_all_cpus()
+        lora_trainer._use_all_cpus()
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -425,7 +520,7 @@ def test_cpu_loss_equals_stock_trl_loss_on_the_same_batch(
         tokenizer=tokenizer,
         train_examples=examples,
         val_examples=[],
-        lora_cfg=train_cfg.model,
+        lora=training.lora_options(train_cfg.model),
         out_dir=tmp_path / "ours",
     )
     if type(ours) is SFTTrainer:
@@ -435,7 +530,7 @@ def test_cpu_loss_equals_stock_trl_loss_on_the_same_batch(
         args=SFTConfig(output_dir=str(tmp_path / "plain"), report_to="none", bf16=False),
         train_dataset=ours.train_dataset,
         processing_class=tokenizer,
-        peft_config=training.lora_config(train_cfg.model),
+        peft_config=lora_trainer.lora_config(training.lora_options(train_cfg.model)),
     )
     batch = next(iter(ours.get_train_dataloader()))
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
@@ -496,11 +591,12 @@ def cpt_run(llm_cfg, tokenizer, cpt_cfg, tmp_path_factory) -> SimpleNamespace:
     out_dir = tmp_path_factory.mktemp("cpt")
     model = fresh_model(llm_cfg)
     logged: list[tuple[dict[str, float], int]] = []
-    summary = training.train_cpt(
+    summary = cpt.train_cpt(
         model=model,
         tokenizer=tokenizer,
         texts=[*CPT_TEXTS, "  \n"],
-        lora_cfg=cpt_cfg.model,
+        lora=training.lora_options(cpt_cfg.model),
+        cpt=cpt.cpt_options(cpt_cfg.model),
         out_dir=out_dir,
         log_metrics=lambda metrics, step: logged.append((metrics, step)),
     )
@@ -509,11 +605,13 @@ def cpt_run(llm_cfg, tokenizer, cpt_cfg, tmp_path_factory) -> SimpleNamespace:
 
 def test_cpt_loss_covers_the_text_and_its_eos_only(llm_cfg, tokenizer, cpt_cfg, tmp_path):
     texts = [CPT_TEXTS[0], "Short.", CPT_TEXTS[1]]
-    trainer = training.build_cpt_trainer(
+    schedule = cpt.cpt_options(cpt_cfg.model)
+    trainer = cpt.build_cpt_trainer(
         model=fresh_model(llm_cfg),
         tokenizer=tokenizer,
-        texts=texts,
-        lora_cfg=cpt_cfg.model,
+        dataset=cpt.build_cpt_dataset(tokenizer, texts, max_length=schedule.max_length)[0],
+        lora=training.lora_options(cpt_cfg.model),
+        cpt=schedule,
         out_dir=tmp_path,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(texts))])
@@ -546,13 +644,9 @@ def test_long_cpt_text_becomes_windows_that_lose_no_token(tokenizer):
     full = text_ids(tokenizer, long)
     max_length = 16
     assert len(full) > 3 * max_length
-    dataset, counts = training.build_cpt_dataset(
-        tokenizer, [long, "", "Short."], max_length=max_length
-    )
+    dataset, counts = cpt.build_cpt_dataset(tokenizer, [long, "", "Short."], max_length=max_length)
     windows = dataset["input_ids"][: counts.windows - 1]  # the last row is the short text
-    assert counts == training.CptCounts(
-        texts=2, windows=len(windows) + 1, split_texts=1, empty_texts=1
-    )
+    assert counts == cpt.CptCounts(texts=2, windows=len(windows) + 1, split_texts=1, empty_texts=1)
     # consecutive windows share one token (a row's first token is context, never a target)
     assert windows[0] + [t for w in windows[1:] for t in w[1:]] == full
     assert all(len(w) == max_length for w in windows[:-1]) and 2 <= len(windows[-1]) <= max_length
@@ -560,19 +654,19 @@ def test_long_cpt_text_becomes_windows_that_lose_no_token(tokenizer):
     assert dataset["input_ids"][-1] == text_ids(tokenizer, "Short.")
     assert all(all(mask) for mask in dataset["completion_mask"])
     with pytest.raises(QaLabError, match="empty"):
-        training.build_cpt_dataset(tokenizer, ["", " "], max_length=max_length)
+        cpt.build_cpt_dataset(tokenizer, ["", " "], max_length=max_length)
 
 
 def test_cpt_options_are_required_and_a_window_holds_a_target(cpt_cfg):
-    opts = training.cpt_options(cpt_cfg.model)
-    assert opts == training.CptOptions(epochs=3, learning_rate=1e-3, batch_size=4, max_length=64)
+    opts = cpt.cpt_options(cpt_cfg.model)
+    assert opts == cpt.CptOptions(epochs=3, learning_rate=1e-3, batch_size=4, max_length=64)
     node = dict(cpt_cfg.model)
     with pytest.raises(QaLabError, match=r"model\.cpt is not set"):
-        training.cpt_options({k: v for k, v in node.items() if k != "cpt"})
+        cpt.cpt_options({k: v for k, v in node.items() if k != "cpt"})
     with pytest.raises(QaLabError, match=r"model\.cpt\.learning_rate"):
-        training.cpt_options({**node, "cpt": {"epochs": 1, "batch_size": 8, "max_length": 64}})
+        cpt.cpt_options({**node, "cpt": {"epochs": 1, "batch_size": 8, "max_length": 64}})
     with pytest.raises(QaLabError, match=r"model\.cpt\.max_length=1"):
-        training.cpt_options({**node, "cpt": {**dict(cpt_cfg.model.cpt), "max_length": 1}})
+        cpt.cpt_options({**node, "cpt": {**dict(cpt_cfg.model.cpt), "max_length": 1}})
 
 
 def test_cpt_learns_the_texts_logs_under_cpt_and_saves_the_adapter(
@@ -593,8 +687,8 @@ def test_cpt_learns_the_texts_logs_under_cpt_and_saves_the_adapter(
     assert all(name.startswith("cpt/") for m, _ in cpt_run.logged for name in m)
 
     files = {p.name for p in cpt_run.out_dir.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", training.TRAINER_LOG} <= files
-    assert "tokenizer.json" in files and training.CHECKPOINTS not in files
+    assert {"adapter_model.safetensors", "adapter_config.json", lora_trainer.TRAINER_LOG} <= files
+    assert "tokenizer.json" in files and lora_trainer.CHECKPOINTS not in files
     # the saved adapter, on a fresh base, models the texts better than the base model does
     before = lm_loss(base_model, tokenizer, CPT_TEXTS)
     after = lm_loss(
@@ -615,7 +709,7 @@ def test_sft_continues_the_cpt_adapter_into_one_servable_adapter(
         tokenizer=tokenizer,
         train_examples=examples[:4],
         val_examples=[],
-        lora_cfg=cpt_cfg.model,
+        lora=training.lora_options(cpt_cfg.model),
         out_dir=tmp_path,
         init_adapter=cpt_run.out_dir,
     )
@@ -628,7 +722,7 @@ def test_sft_continues_the_cpt_adapter_into_one_servable_adapter(
     saved = {n.replace(".default", ""): p for n, p in lora.items()}
     assert all(torch.equal(saved[n], cpt_weights[n]) for n in cpt_weights)
 
-    summary = training.run_training(trainer, tmp_path)
+    summary = lora_trainer.run_training(trainer, tmp_path)
     assert summary["steps"] == 1
     sft_weights = load_file(tmp_path / "adapter_model.safetensors")
     assert set(sft_weights) == set(cpt_weights)  # one adapter, the same tensors, trained on
@@ -655,7 +749,7 @@ def test_init_adapter_needs_an_adapter_and_a_fresh_base(cpt_run, tokenizer, exam
             tokenizer=tokenizer,
             train_examples=examples[:2],
             val_examples=[],
-            lora_cfg=cpt_cfg.model,
+            lora=training.lora_options(cpt_cfg.model),
             out_dir=cpt_run.out_dir / "unused",
             init_adapter=adapter,
         )
@@ -671,11 +765,11 @@ def test_cpt_texts_follow_the_knowledge_choice():
     chunks = ["Chunk one.", "Chunk two."]
     items = [QAItem(id="q1", question="What is X?", answer="X is Y.")]
     assert training.KNOWLEDGE == ("qa", "corpus", "both")
-    assert training.cpt_texts("qa", chunks, items) == []
-    assert training.cpt_texts("corpus", chunks, items) == chunks
-    assert training.cpt_texts("both", chunks, items) == [
+    assert cpt.cpt_texts("qa", chunks, items) == []
+    assert cpt.cpt_texts("corpus", chunks, items) == chunks
+    assert cpt.cpt_texts("both", chunks, items) == [
         *chunks,
         "Question: What is X?\nAnswer: X is Y.",
     ]
     with pytest.raises(QaLabError, match=r"model\.knowledge='rag'"):
-        training.cpt_texts("rag", chunks, items)
+        cpt.cpt_texts("rag", chunks, items)
