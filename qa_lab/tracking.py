@@ -159,19 +159,7 @@ def start_run(
     parent = current_parent_run_id()
     # `detail` (e.g. the retriever and k) makes runs of one variant tell apart in the runs table
     name = "-".join(filter(None, (stage, variant, detail, key[:8])))
-    all_tags = {
-        f"{TAG_PREFIX}stage": stage,
-        f"{TAG_PREFIX}key": key,
-        **{f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()},
-        **{f"{TAG_PREFIX}{k}": v for k, v in git_state().items()},
-        **{f"{TAG_PREFIX}version.{k}": v for k, v in library_versions().items()},
-    }
-    if variant:
-        all_tags[f"{TAG_PREFIX}variant"] = variant
-    if description:
-        all_tags[NOTE_TAG] = description
-    if cluster_job_id():
-        all_tags[f"{TAG_PREFIX}{JOB_TAG}"] = cluster_job_id()
+    all_tags = _run_tags(stage, key, variant, tags, description)
     resolved = redact(to_dict(cfg)) if log_config else {}
     run = mlflow.start_run(
         experiment_id=experiment_id,
@@ -188,20 +176,49 @@ def start_run(
         yield run.info.run_id
     except BaseException as err:
         if is_server(cfg.tracking) and not server_answers(str(cfg.tracking.uri)):
-            # no second round of retries: MLflow's exit hook would end the run over HTTP
-            os.environ[RETRY_ENV["max_retries"]] = "0"
-            raise QaLabError(
-                f"tracking.uri={cfg.tracking.uri}: the tracking server stopped answering and "
-                f"did not come back within tracking.retry; finished work (generations, adapters, "
-                f"datasets) is kept under paths.cache={cfg.paths.cache}: rerun the same command "
-                "once the server is back"
-            ) from None
+            raise _server_gone(cfg) from None
         _log_hydra_log()
         mlflow.set_tag(f"{TAG_PREFIX}{FAILURE_TAG}", failure_reason(err))
         mlflow.end_run(status="FAILED")
         raise
     _log_hydra_log()
     mlflow.end_run()
+
+
+def _run_tags(
+    stage: str,
+    key: str,
+    variant: str | None,
+    tags: Mapping[str, str] | None,
+    description: str | None,
+) -> dict[str, str]:
+    """A run's tags: stage, key, the caller's tags, the checkout, library versions, the job."""
+    all_tags = {
+        f"{TAG_PREFIX}stage": stage,
+        f"{TAG_PREFIX}key": key,
+        **{f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()},
+        **{f"{TAG_PREFIX}{k}": v for k, v in git_state().items()},
+        **{f"{TAG_PREFIX}version.{k}": v for k, v in library_versions().items()},
+    }
+    if variant:
+        all_tags[f"{TAG_PREFIX}variant"] = variant
+    if description:
+        all_tags[NOTE_TAG] = description
+    if cluster_job_id():
+        all_tags[f"{TAG_PREFIX}{JOB_TAG}"] = cluster_job_id()
+    return all_tags
+
+
+def _server_gone(cfg: Any) -> QaLabError:
+    """The one line for a tracking server that stopped answering mid-run (retries spent)."""
+    # no second round of retries: MLflow's exit hook would end the run over HTTP
+    os.environ[RETRY_ENV["max_retries"]] = "0"
+    return QaLabError(
+        f"tracking.uri={cfg.tracking.uri}: the tracking server stopped answering and "
+        f"did not come back within tracking.retry; finished work (generations, adapters, "
+        f"datasets) is kept under paths.cache={cfg.paths.cache}: rerun the same command "
+        "once the server is back"
+    )
 
 
 def cluster_job_id() -> str | None:

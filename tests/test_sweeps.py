@@ -117,7 +117,7 @@ def _free_port() -> int:
 def test_mlflow_ui_shows_sweep_in_browser(basic_sweep):
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.skip("Debian chromium is not installed (make test installs it)")
+        pytest.skip("Debian chromium is not installed: sudo apt-get install -y chromium")
     tmp, _ = basic_sweep
     store = tmp / "mlruns"
     parent, children = _check_parent(store)
