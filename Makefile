@@ -55,7 +55,16 @@ gpu-smoke:
 run: $(STAMP)
 	$(PY) evaluate.py -m +experiment=rag_vs_ft
 
+# The browser, scale and SLURM tests need Debian packages (.ci/run installs them as root); the
+# tests that need a missing one skip, and this says the one command that installs them all.
+SYSTEM_PACKAGES := chromium postgresql slurm-wlm munge
 test: $(STAMP)
+	@missing=""; for c in chromium slurmctld munged; do command -v $$c >/dev/null 2>&1 || \
+		missing="$$missing $$c"; done; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		missing="$$missing initdb"; \
+	if [ -n "$$missing" ]; then echo "make test: not installed:$$missing (their tests skip);" \
+		"install them with: sudo apt-get install -y $(SYSTEM_PACKAGES)"; fi
 	$(PY) -m pytest -q
 
 # The development tier: everything but the end-to-end tests marked slow (CI runs `make test`).
