@@ -86,7 +86,7 @@ def samples_md(rows: Sequence[EvalRow], count: int, seed: int) -> str:
 def log_run_summary(scored: Any, sample_count: int, sample_seed: int) -> None:
     """An evaluate run's readable artifacts: metric table, fixed samples, per-topic figure.
 
-    `scored` is the run's `metrics.RunScores`; the metric table is printed too.
+    `scored` is the run's `run_scores.RunScores`; the metric table is printed too.
     """
     table = metric_table_md(scored.ci)
     tracking.log_text(table, "metrics.md")

@@ -13,7 +13,7 @@ Ranking metrics come from `ir_measures` (pytrec_eval backend, ~0.2 s on its firs
 ranx: its numba JIT took 70 s on its first call on the 2-core dev machine (10 s after that).
 
 `retrieval_columns` is the `retrieval` metric group and `attribution_columns` the attribution
-`metrics.score_rows` adds (`AttributionOptions`: when an answer counts as right); both take
+`run_scores.score_rows` adds (`AttributionOptions`: when an answer counts as right); both take
 rows and plain values and return named per-item columns, so this module needs nothing of
 `metrics`, which composes them.
 """

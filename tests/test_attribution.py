@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from qa_lab import metrics, prompts
+from qa_lab import metrics, prompts, run_scores
 from qa_lab import retrieval_metrics as rm
 from qa_lab.errors import QaLabError
 from qa_lab.records import EvalRow
@@ -53,9 +53,9 @@ def _rows(retrieval: bool = True) -> list[EvalRow]:
     return rows
 
 
-def _score(rows: list[EvalRow], cfg: dict, tmp_path) -> metrics.RunScores:
+def _score(rows: list[EvalRow], cfg: dict, tmp_path) -> run_scores.RunScores:
     opts = metrics.MetricsOptions.from_cfg(cfg)
-    return metrics.score_rows(rows, opts, embedder=EMBEDDER, cache_dir=tmp_path)
+    return run_scores.score_rows(rows, opts, embedder=EMBEDDER, cache_dir=tmp_path)
 
 
 def test_cells_are_one_hot_and_add_up_to_the_items_with_gold(tmp_path):
@@ -151,7 +151,9 @@ def test_judge_verdict_decides_right(store, tmp_path):
              "metrics.bootstrap.resamples=200"],
         )  # fmt: skip
         opts = metrics.MetricsOptions.from_cfg(cfg.metrics)
-        scored = metrics.score_rows(_rows()[:4], opts, embedder=EMBEDDER, cache_dir=cfg.paths.cache)
+        scored = run_scores.score_rows(
+            _rows()[:4], opts, embedder=EMBEDDER, cache_dir=cfg.paths.cache
+        )
     finally:
         server.close()
     per_item = [r.scores for r in scored.rows]

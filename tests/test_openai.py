@@ -24,7 +24,7 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from qa_lab import generation, judge, keys, metrics, models, prompts, stages
+from qa_lab import generation, judge, keys, metrics, models, prompts, run_scores, stages
 from qa_lab.cache import ItemCache
 from qa_lab.config import PROJECT_ROOT
 from qa_lab.errors import QaLabError
@@ -311,10 +311,12 @@ def test_judge_retries_once_counts_unparseable_and_caches(scripted, store):
     assert len(server.requests) == 6  # every reply, retries included, came from the cache
 
 
-def _score_rows(cfg, rows: list[dict]) -> metrics.RunScores:
+def _score_rows(cfg, rows: list[dict]) -> run_scores.RunScores:
     opts = metrics.MetricsOptions.from_cfg(cfg.metrics)
     records = [EvalRow.from_dict(r) for r in rows]
-    return metrics.score_rows(records, opts, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache)
+    return run_scores.score_rows(
+        records, opts, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache
+    )
 
 
 def test_judge_group_without_judge_config_is_one_line_error(store):

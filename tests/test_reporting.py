@@ -497,7 +497,7 @@ def _write_sweep(tmp_path: Path) -> tuple[Any, str]:
     import mlflow
     from omegaconf import OmegaConf
 
-    from qa_lab import metrics, run_logging
+    from qa_lab import metrics, run_logging, run_scores
     from tests.test_metrics import EMBEDDER, metrics_cfg
 
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
@@ -522,7 +522,7 @@ def _write_sweep(tmp_path: Path) -> tuple[Any, str]:
                 )
                 for n in range(6)
             ]
-            scored = metrics.score_rows(rows, opts, embedder=EMBEDDER, cache_dir=tmp_path)
+            scored = run_scores.score_rows(rows, opts, embedder=EMBEDDER, cache_dir=tmp_path)
             tags = {"qa_lab.stage": "evaluate", "qa_lab.variant": variant}
             with mlflow.start_run(experiment_id=exp, nested=True, run_name=variant, tags=tags):
                 mlflow.set_tag("qa_lab.eval_set_hash", "h")

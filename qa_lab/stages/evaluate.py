@@ -205,9 +205,11 @@ def _with_nearest_train(
 
 def _log_train_sample(cfg: DictConfig, opts: Any, rows: list[EvalRow]) -> None:
     """Score the closed-book training sample and log it under `train_sample/`."""
-    from qa_lab import metrics
+    from qa_lab import run_scores
 
-    scored = metrics.score_rows(rows, opts, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache)
+    scored = run_scores.score_rows(
+        rows, opts, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache
+    )
     run_logging.log_train_sample(scored)
 
 
@@ -222,9 +224,11 @@ def _predict_key(cfg: DictConfig, model_key: str, items: list[QAItem]) -> str:
 
 def score_and_log(cfg: DictConfig, opts: Any, rows: list[EvalRow], speed: dict[str, float]) -> None:
     """Score the rows (`opts`: `metrics.MetricsOptions`) and log them on the active run."""
-    from qa_lab import metrics, reporting, traces
+    from qa_lab import reporting, run_scores, traces
 
-    scored = metrics.score_rows(rows, opts, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache)
+    scored = run_scores.score_rows(
+        rows, opts, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache
+    )
     run_logging.log_scores(scored, speed)
     reporting.log_run_summary(scored, opts.sample_count, opts.sample_seed)
     if cfg.tracking.traces:
