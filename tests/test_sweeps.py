@@ -170,6 +170,7 @@ def test_mlflow_ui_shows_sweep_in_browser(basic_sweep):
                 page.goto(f"{url}/#/experiments/{exp_id}/runs/{c.info.run_id}", timeout=120_000)
                 page.get_by_text("rougeL_f1_ci_low").first.wait_for(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "mlflow_child_run.png"), full_page=True)
+            _check_adapter_model_page(page, url, exp_id, evals)
             # the parent's artifacts hold the report, and the report opens
             page.goto(f"{url}/#/experiments/{exp_id}/runs/{parent}/artifacts", timeout=120_000)
             page.get_by_text("report", exact=True).first.wait_for(timeout=60_000)
@@ -188,6 +189,20 @@ def test_mlflow_ui_shows_sweep_in_browser(basic_sweep):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _check_adapter_model_page(page, url: str, exp_id: str, evals: list) -> None:
+    """The adapter's logged-model page lists the LoRA evaluate runs linked to it."""
+    models = mlflow.search_logged_models(
+        experiment_ids=[exp_id], filter_string="name LIKE 'lora-%'", output_format="list"
+    )
+    assert len(models) == 1, [m.name for m in models]
+    page.goto(f"{url}/#/experiments/{exp_id}/models/{models[0].model_id}", timeout=120_000)
+    page.get_by_text(models[0].name).first.wait_for(timeout=60_000)
+    for c in evals:
+        if c.data.tags["qa_lab.variant"] in ("lora", "rag_lora"):
+            page.get_by_text(c.info.run_name).first.wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "mlflow_adapter_model.png"), full_page=True)
 
 
 def _item_traces(run) -> dict[str, object]:
