@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qa_lab import keys
+from qa_lab import checks, keys
 from qa_lab.cache import stable_hash
 from qa_lab.errors import QaLabError, require_choice
-from qa_lab.index_base import CachedIndex, Hits, IndexSpec, latency_stats, read_whole
+from qa_lab.index_base import CachedIndex, Hits, IndexSpec, latency_stats
 from qa_lab.records import Passage
 from qa_lab.rerank import Reranked, RerankOptions, load_cross_encoder
 from qa_lab.sparse import Bm25Index, Bm25Options, FusionOptions, HybridIndex
@@ -270,22 +270,51 @@ def make_retriever(
 
     Every setting is checked, and the rerank model loaded, before any index is built.
     """
-    kind = require_choice("retriever.kind", node.get("kind"), tuple(INDEXES))
-    k = read_whole(node, "k", 0) if k is None else int(k)
-    bm25, fusion = Bm25Options.from_cfg(node), FusionOptions.from_cfg(node)
-    rerank = RerankOptions.from_cfg(node.get("rerank"), k)
-    if kind == "none":
+    opts = retriever_settings(node, k)
+    if opts.kind == "none":
         return Retriever("none", 0)
-    model = load_cross_encoder(rerank.model) if rerank.model and k > 0 else None
+    rerank = opts.rerank
+    model = load_cross_encoder(rerank.model) if rerank.model and opts.k > 0 else None
     base = Retriever(
-        kind,
-        k,
+        opts.kind,
+        opts.k,
         kb,
         embedder=embedder,
-        document=str(node.get("document") or "question_answer"),
+        document=opts.document,
         cache_dir=cache_dir,
         batch_size=batch_size,
-        bm25=bm25,
-        fusion=fusion,
+        bm25=opts.bm25,
+        fusion=opts.fusion,
     )
     return base if model is None else Reranked(base, model, rerank)
+
+
+@dataclass(frozen=True)
+class RetrieverSettings:
+    """A `retriever` node read and checked: what `make_retriever` builds from."""
+
+    kind: str
+    k: int
+    document: str
+    bm25: Bm25Options
+    fusion: FusionOptions
+    rerank: RerankOptions
+
+
+def retriever_settings(node: Mapping[str, Any], k: int | None = None) -> RetrieverSettings:
+    """Every retriever setting checked, nothing built or loaded; `k` overrides `node.k`.
+
+    `make_retriever`'s first step, and what the scripts' boundary check (`qa_lab.validate`)
+    calls, so both refuse the same values with the same lines.
+    """
+    depth = checks.whole(node.get("k"), "retriever.k", low=0) if k is None else int(k)
+    return RetrieverSettings(
+        kind=require_choice("retriever.kind", node.get("kind"), tuple(INDEXES)),
+        k=depth,
+        document=require_choice(
+            "retriever.document", node.get("document") or "question_answer", DOCUMENT_KINDS
+        ),
+        bm25=Bm25Options.from_cfg(node),
+        fusion=FusionOptions.from_cfg(node),
+        rerank=RerankOptions.from_cfg(node.get("rerank"), depth),
+    )

@@ -129,17 +129,8 @@ def _model(cfg: DictConfig) -> None:
 def _retriever(cfg: DictConfig) -> None:
     """What `retrieval.make_retriever` reads, before any index is built (and `k` >= 0)."""
     from qa_lab import retrieval
-    from qa_lab.rerank import RerankOptions
-    from qa_lab.sparse import Bm25Options, FusionOptions
 
-    node = cfg.retriever
-    require_choice("retriever.kind", node.get("kind"), tuple(retrieval.INDEXES))
-    k = checks.whole(node.get("k"), "retriever.k", low=0)
-    document = node.get("document") or "question_answer"
-    require_choice("retriever.document", document, retrieval.DOCUMENT_KINDS)
-    Bm25Options.from_cfg(node)
-    FusionOptions.from_cfg(node)
-    RerankOptions.from_cfg(node.get("rerank"), k)
+    retrieval.retriever_settings(cfg.retriever)
 
 
 def _prompt(cfg: DictConfig) -> None:
