@@ -226,12 +226,17 @@ def predict_key(
     """Key of an evaluate run's answers: generation, prompt and retriever config, model, items.
 
     `evaluation` holds the `generation`, `prompt` and `retriever` config nodes. Reranking that
-    is off (`retriever.rerank.model` null) is inert, so it is left out.
+    is off (`retriever.rerank.model` null) is inert, so it is left out, and so is `k` with
+    `retriever=none` (it retrieves nothing at any k): a preset's `retriever.k` then leaves the
+    closed-book runs of its sweep alone.
     """
     semantic = without(evaluation, EXCLUDE["predict"])
-    rerank = (semantic.get("retriever") or {}).get("rerank")
+    retriever = semantic.get("retriever") or {}
+    rerank = retriever.get("rerank")
     if isinstance(rerank, Mapping) and not rerank.get("model"):
-        semantic["retriever"].pop("rerank")
+        retriever.pop("rerank")
+    if retriever.get("kind") == "none":
+        retriever.pop("k", None)
     semantic["template_version"] = template_version
     return stage_key(
         semantic,
