@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from qa_lab import checks
 from qa_lab.errors import QaLabError
 
 ANSWERS = 1000  # costs are quoted per this many answers
@@ -48,18 +49,12 @@ class Prices:
         unknown = sorted(set(values) - known)
         if unknown:
             raise QaLabError(f"{key}: unknown price {unknown[0]!r} (known: {sorted(known)})")
-        out: dict[str, Any] = {}
-        for name, value in values.items():
-            if name == "currency":
-                out[name] = str(value)
-                continue
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise QaLabError(f"{key}.{name}={value!r}: not a number") from None
-            if not math.isfinite(number) or number < 0:
-                raise QaLabError(f"{key}.{name}={value!r}: must be a finite number >= 0")
-            out[name] = number
+        out = {
+            name: checks.text(value, f"{key}.{name}")
+            if name == "currency"
+            else checks.number(value, f"{key}.{name}", low=0)
+            for name, value in values.items()
+        }
         return cls(**out)
 
 

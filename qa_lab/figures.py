@@ -241,3 +241,44 @@ def topic_heatmap(labels: Sequence[str], topics: Sequence[str], values: Any, met
     ax.set_title(f"{metric} per topic")
     fig.tight_layout()
     return fig
+
+
+def quality_cost(
+    points: Sequence[Any],
+    cis: Mapping[str, Mapping[str, float]],
+    front: Sequence[str],
+    labels: tuple[str, str],
+) -> Any:
+    """Answer quality against cost per 1,000 answers, a point per config, the Pareto front joined.
+
+    `points` are `cost.Point`s (NaN costs left out), `cis` the headline metric's CI per config
+    (error bars), `front` the configs `cost.pareto_front` keeps, in any order; `labels` the
+    metric's name and the cost's unit.
+    """
+    import math
+
+    plt = _pyplot()
+    shown = [p for p in points if math.isfinite(p.cost) and math.isfinite(p.quality)]
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for p in shown:
+        c = cis[p.config]
+        err = [[p.quality - c["low"]], [c["high"] - p.quality]]
+        ax.errorbar([p.cost], [p.quality], yerr=err, marker="o", capsize=4, color="tab:blue")
+        ax.annotate(p.config, (p.cost, p.quality), textcoords="offset points", xytext=(6, 4))
+    on_front = sorted((p for p in shown if p.config in front), key=lambda p: p.cost)
+    ax.plot(
+        [p.cost for p in on_front],
+        [p.quality for p in on_front],
+        color="tab:red",
+        linestyle="--",
+        marker="*",
+        markersize=12,
+        label="Pareto front",
+    )
+    metric, unit = labels
+    ax.set_xlabel(f"cost per 1,000 answers ({unit})")
+    ax.set_ylabel(f"{metric} (mean, 95% CI)")
+    ax.set_title(f"{metric} against cost")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -382,7 +382,15 @@ class Answerer:
 
 
 def speed(rows: list[EvalRow], wall_s: float) -> dict[str, float]:
-    """Wall time, answers generated (not cached), and answers and tokens per generation second."""
+    """Wall time, answers generated (not cached), answers and tokens per generation second.
+
+    And what an answer costs, for the report's cost table: prompt and completion tokens per
+    answer (mean over every row: a cached answer has the same tokens) and generation seconds
+    per answer, mean, p50 and p95 over the freshly generated ones (an answer's `seconds` is
+    its share of its batch's time, so p95 is of shares, not of single-request latency).
+    """
+    import numpy as np
+
     fresh = [r for r in rows if not r.cached]
     speed = {"generation_wall_s": wall_s, "answers_generated": len(fresh)}
     gen_s = sum(r.seconds or 0.0 for r in fresh)
@@ -391,4 +399,12 @@ def speed(rows: list[EvalRow], wall_s: float) -> dict[str, float]:
         speed["tokens_per_s"] = (
             sum(r.generated_tokens or 0 for r in fresh) / gen_s if gen_s else 0.0
         )
+        seconds = [r.seconds or 0.0 for r in fresh]
+        speed["seconds_per_answer"] = gen_s / len(fresh)
+        speed["seconds_per_answer_p50"] = float(np.percentile(seconds, 50))
+        speed["seconds_per_answer_p95"] = float(np.percentile(seconds, 95))
+    for name, field_ in (("prompt", "prompt_tokens"), ("completion", "generated_tokens")):
+        counts = [getattr(r, field_) for r in rows if getattr(r, field_) is not None]
+        if counts:
+            speed[f"{name}_tokens_per_answer"] = sum(counts) / len(counts)
     return speed

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qa_lab import checks
 from qa_lab.cache import build_once
 from qa_lab.errors import QaLabError
 
@@ -31,22 +32,13 @@ Hits = list[list[tuple[int, float]]]  # per query: (passage position, score), be
 def read_number(
     node: Mapping[str, Any], key: str, default: float, *, where: str = "retriever"
 ) -> float:
-    """`node[key]` as a float, or a one-line error naming `<where>.<key>`."""
-    value = node.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise QaLabError(f"{where}.{key}={value!r} is not a number")
-    try:
-        return float(value)
-    except ValueError:
-        raise QaLabError(f"{where}.{key}={value!r} is not a number") from None
+    """`node[key]` (the class default when unset) as a float, refused as `<where>.<key>`."""
+    return checks.number(node.get(key, default), f"{where}.{key}")
 
 
 def read_whole(node: Mapping[str, Any], key: str, default: int, *, where: str = "retriever") -> int:
-    """`node[key]` as an int, or a one-line error naming `<where>.<key>`."""
-    value = read_number(node, key, default, where=where)
-    if value != int(value):
-        raise QaLabError(f"{where}.{key}={value:g} is not a whole number")
-    return int(value)
+    """`node[key]` (the class default when unset) as an int, refused as `<where>.<key>`."""
+    return checks.whole(node.get(key, default), f"{where}.{key}")
 
 
 def latency_stats(per_query_ms: Sequence[float]) -> dict[str, float]:

@@ -42,8 +42,9 @@ EXCLUDE: dict[str, tuple[str, ...]] = {
     "corpus": ("source", "gold_threshold", "context_header", "kind"),
     # `adapter` bypasses training altogether; `kind` is always lora here; what the continued
     # pretraining read and how enter through its own key, the SFT's upstream (`knowledge=qa`:
-    # none, so those keys stay as they were before continued pretraining existed)
-    "train": ("adapter", "kind", "cpt", "knowledge"),
+    # none, so those keys stay as they were before continued pretraining existed); `seeds`
+    # lists replicates, each trained under its own `seed` (which is in the key)
+    "train": ("adapter", "kind", "cpt", "knowledge", "seeds"),
     # greedy answers do not depend on batch width or threads (the per-item cache key never
     # had them, tests/test_generation.py checks batched == one-at-a-time answers)
     "predict": ("generation.batch_size", "generation.batch_tokens", "generation.threads"),

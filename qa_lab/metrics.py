@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from qa_lab import diagnostics, lexical
+from qa_lab import checks, diagnostics, lexical
 from qa_lab import retrieval_metrics as rm
 from qa_lab.errors import QaLabError, require_choice
 from qa_lab.records import EvalRow
+from qa_lab.report_options import DecisionOptions
 
 METRICS_VERSION = 1
 # `judge` asks an LLM server (qa_lab.judge); score_rows runs it after score_items.
@@ -177,43 +178,46 @@ class MetricsOptions:
     sample_seed: int
     attribution: rm.AttributionOptions
     judge: Any = None
+    decision: DecisionOptions = DecisionOptions()  # the report's power, cost, verdict
 
     @classmethod
     def from_cfg(cls, metrics_cfg: Any) -> MetricsOptions:
         """Read and check a `metrics` node (a DictConfig or a plain mapping)."""
         cfg = _plain(metrics_cfg)
         groups = validate_groups(_need(cfg, "groups"))
-        smooth = require_choice(
-            "metrics.bleu_smooth", _need(cfg, "bleu_smooth"), lexical.BLEU_SMOOTH_METHODS
-        )
-        mode = require_choice(
-            "metrics.exact_match", _need(cfg, "exact_match"), lexical.EXACT_MATCH_MODES
-        )
+
+        def read(dotted: str, convert: Any, **bounds: Any) -> Any:
+            return convert(_need(cfg, dotted), f"metrics.{dotted}", **bounds)
+
+        def choice(dotted: str, allowed: Any) -> str:
+            return str(require_choice(f"metrics.{dotted}", _need(cfg, dotted), allowed))
+
         return cls(
             groups=groups,
-            bleu_smooth=str(smooth),
-            bleu_tokenize=str(_need(cfg, "bleu_tokenize")),
-            rouge_stemmer=bool(_need(cfg, "rouge_stemmer")),
-            copy_threshold=float(_need(cfg, "copy_threshold")),
-            exact_match=str(mode),
+            bleu_smooth=choice("bleu_smooth", lexical.BLEU_SMOOTH_METHODS),
+            bleu_tokenize=read("bleu_tokenize", checks.text),
+            rouge_stemmer=read("rouge_stemmer", checks.flag),
+            copy_threshold=read("copy_threshold", checks.number, low=0, high=1),
+            exact_match=choice("exact_match", lexical.EXACT_MATCH_MODES),
             bertscore=BertScoreOptions(
-                model=str(_need(cfg, "bertscore.model")),
-                num_layers=int(_need(cfg, "bertscore.num_layers")),
-                baseline_pairs=int(_need(cfg, "bertscore.baseline_pairs")),
-                batch_size=int(_need(cfg, "bertscore.batch_size")),
+                model=read("bertscore.model", checks.text),
+                num_layers=read("bertscore.num_layers", checks.whole, low=1),
+                baseline_pairs=read("bertscore.baseline_pairs", checks.whole, low=1),
+                batch_size=read("bertscore.batch_size", checks.whole, low=1),
                 device=_need(cfg, "bertscore").get("device"),
             ),
             bootstrap=BootstrapOptions(
-                resamples=int(_need(cfg, "bootstrap.resamples")),
-                confidence=float(_need(cfg, "bootstrap.confidence")),
-                seed=int(_need(cfg, "bootstrap.seed")),
+                resamples=read("bootstrap.resamples", checks.whole, low=1),
+                confidence=read("bootstrap.confidence", checks.number, low=0, high=1, above=True),
+                seed=read("bootstrap.seed", checks.whole),
             ),
-            sample_count=int(_need(cfg, "samples.count")),
-            sample_seed=int(_need(cfg, "samples.seed")),
+            sample_count=read("samples.count", checks.whole, low=0),
+            sample_seed=read("samples.seed", checks.whole),
             attribution=rm.AttributionOptions.from_cfg(
                 cfg.get("attribution"), groups, ANSWER_SCORES
             ),
             judge=metrics_cfg.get("judge"),  # the node itself: judge reads it as config
+            decision=DecisionOptions.from_cfg(cfg.get("decision")),
         )
 
 

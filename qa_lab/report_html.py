@@ -39,8 +39,8 @@ h2{font-size:20px;margin:36px 0 8px;border-bottom:1px solid var(--line);padding-
 h3{font-size:16px;margin:20px 0 6px}
 p,ul{max-width:80ch}
 code{background:var(--bg2);padding:0 4px;border-radius:4px;font-size:90%}
-h2#summary+ul{background:var(--bg2);border-left:4px solid var(--accent);max-width:none;
- padding:10px 16px 10px 32px;margin:0}
+h2#verdict+ul,h2#summary+ul{background:var(--bg2);border-left:4px solid var(--accent);
+ max-width:none;padding:10px 16px 10px 32px;margin:0}
 .frame{overflow:auto;max-height:75vh;margin:8px 0 16px;max-width:100%}
 table{border-collapse:separate;border-spacing:0;font-size:13px}
 th,td{border-bottom:1px solid var(--line);border-right:1px solid var(--line);padding:4px 8px;

@@ -135,6 +135,32 @@ def _folds(
     return blocks
 
 
+def _power_columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The MDE and underpowered columns, when the rows carry their power (`report_stats`)."""
+    return ("MDE", "power") if rows and "mde" in rows[0] else ()
+
+
+def _power_cells(row: dict[str, Any]) -> list[str]:
+    if "mde" not in row:
+        return []
+    return [f"{row['mde']:.4f}", "underpowered" if row["underpowered"] else ""]
+
+
+def _power_note(rows: list[dict[str, Any]]) -> list[Block]:
+    """How to read the MDE column, with the power and level it is stated at."""
+    if not rows or "power" not in rows[0]:
+        return []
+    return [
+        Text(
+            f"MDE: the smallest true difference this design detects with {rows[0]['power']:.0%} "
+            f"power at α = {rows[0]['alpha']:g} (normal approximation over the seed clusters' "
+            "mean differences). **underpowered**: the CI includes 0 and the MDE exceeds the "
+            "metric's smallest effect of interest (`metrics.decision.min_effect`): this null "
+            "result cannot rule out an effect worth having."
+        )
+    ]
+
+
 def comparisons_section(
     runs: list[dict[str, Any]], comparisons: list[dict[str, Any]], headline: str | None
 ) -> list[Block]:
@@ -144,11 +170,20 @@ def comparisons_section(
     return [
         Heading("Paired comparisons (b − a; p Holm-adjusted per metric)"),
         Text(f"{SIG_MARK} marks a difference whose Holm-adjusted p is below {SIGNIFICANCE}."),
+        *_power_note(comparisons),
         *_folds(
             runs,
             comparisons,
             headline,
-            ("a", "b", "diff [95% CI]", "p", "p (Holm)", "effect size dz"),
+            (
+                "a",
+                "b",
+                "diff [95% CI]",
+                "p",
+                "p (Holm)",
+                "effect size dz",
+                *_power_columns(comparisons),
+            ),
             lambda c: [
                 c["a"],
                 c["b"],
@@ -156,6 +191,7 @@ def comparisons_section(
                 f"{c['p_value']:.4f}",
                 fmt_p(c["p_holm"]),
                 f"{c['effect_size']:+.3f}",
+                *_power_cells(c),
             ],
         ),
     ]
@@ -173,18 +209,20 @@ def effects_section(
             "RAG = mean over fine-tuning levels of (with − without retrieval); "
             "FT = mean over retrieval levels of (LoRA − vanilla); "
             "interaction = (rag_lora − lora) − (rag − vanilla). p is Holm-adjusted over each "
-            f"metric's three effects; {SIG_MARK} marks p below {SIGNIFICANCE}."
+            f"metric's three effects; {SIG_MARK} marks p below {SIGNIFICANCE}; MDE and "
+            "underpowered as under the paired comparisons."
         ),
         *_folds(
             runs,
             eff,
             headline,
-            ("effect", "estimate [95% CI]", "p", "p (Holm)"),
+            ("effect", "estimate [95% CI]", "p", "p (Holm)", *_power_columns(eff)),
             lambda e: [
                 e["effect"],
                 fmt_diff(e["estimate"], e["ci_low"], e["ci_high"]),
                 f"{e['p_value']:.4f}",
                 fmt_p(e["p_holm"]),
+                *_power_cells(e),
             ],
         ),
     ]

@@ -10,6 +10,10 @@ import math
 from itertools import combinations
 from typing import Any
 
+import numpy as np
+
+from qa_lab import report_replicates
+
 # The per-item metrics compared pair by pair, in this order; the first that varies across the
 # configs is the report's headline metric (ROUGE-L F1 is scored by every metrics preset).
 PAIRED = ("rougeL_f1", "bertscore_f1", "token_f1", "sentence_bleu", "exact_match")
@@ -53,13 +57,18 @@ def paired_comparisons(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, 
 
     out = []
     groups = clusters(runs[0])
+    replicated = report_replicates.replicated(runs)
     for metric in paired_metrics(runs):
         rows = []
         for a, b in combinations(runs, 2):
             va = [it.scores[metric] for it in a["items"]]
             vb = [it.scores[metric] for it in b["items"]]
-            test = stats.paired_test(
-                va, vb, clusters=groups, resamples=int(boot.resamples), seed=int(boot.seed)
+            test = (
+                report_replicates.paired(a, b, metric, groups, boot)
+                if replicated
+                else stats.paired_test(
+                    va, vb, clusters=groups, resamples=int(boot.resamples), seed=int(boot.seed)
+                )
             )
             rows.append({"a": a["label"], "b": b["label"], "metric": metric, **test})
         for row, adj in zip(rows, stats.holm([r["p_value"] for r in rows])):
@@ -90,11 +99,82 @@ def effects(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
     out = []
     for metric in paired_metrics(runs):
         cells = [[it.scores[metric] for it in by_variant[v]["items"]] for v in VARIANTS_2X2]
-        result = stats.effects_2x2(
-            *cells, clusters=groups, resamples=int(boot.resamples), seed=int(boot.seed)
+        result = (
+            report_replicates.effects(by_variant, metric, groups, boot)
+            if report_replicates.replicated(runs)
+            else stats.effects_2x2(
+                *cells, clusters=groups, resamples=int(boot.resamples), seed=int(boot.seed)
+            )
         )
         rows = [{"effect": name, "metric": metric, **result[name]} for name in EFFECTS]
         for row, adj in zip(rows, stats.holm([r["p_value"] for r in rows])):
             row["p_holm"] = adj
         out.extend(rows)
+    return out
+
+
+# Each 2x2 effect as weights on the per-item scores of (vanilla, rag, lora, rag_lora), the
+# contrasts `stats.effects_2x2` estimates.
+EFFECT_WEIGHTS = {
+    "rag": (-0.5, 0.5, -0.5, 0.5),
+    "ft": (-0.5, -0.5, 0.5, 0.5),
+    "interaction": (1.0, -1.0, -1.0, 1.0),
+}
+
+
+def _scores(run: dict[str, Any], metric: str) -> np.ndarray:
+    return np.array([it.scores[metric] for it in run["items"]], dtype=float)
+
+
+def _with_power(
+    row: dict[str, Any], d: np.ndarray, groups: list[str], decision: Any
+) -> dict[str, Any]:
+    """`row` plus its MDE, the metric's smallest effect of interest and the underpowered flag.
+
+    The MDE is `power.mde` on the per-item contrasts `d` over the seed clusters: the normal
+    approximation to the paired test on cluster means at `decision.alpha` and `.power`.
+    """
+    from qa_lab import power
+
+    mde = (
+        power.mde_from_se(row["se"], alpha=decision.alpha, power=decision.power)
+        if "se" in row  # a replicated contrast: seeds' noise is in its standard error
+        else power.mde(d, clusters=groups, alpha=decision.alpha, power=decision.power)
+    )
+    least = decision.min_effect.get(row["metric"])
+    flagged = least is not None and power.underpowered(row["ci_low"], row["ci_high"], mde, least)
+    stated = {"alpha": decision.alpha, "power": decision.power}
+    return {**row, "mde": mde, "min_effect": least, "underpowered": flagged, **stated}
+
+
+def comparisons_with_power(
+    runs: list[dict[str, Any]], comparisons: list[dict[str, Any]], decision: Any
+) -> list[dict[str, Any]]:
+    """The paired comparisons, each with its MDE and underpowered flag (`_with_power`)."""
+    by_label = {r["label"]: r for r in runs}
+    groups = clusters(runs[0])
+    return [
+        _with_power(
+            c,
+            _scores(by_label[c["b"]], c["metric"]) - _scores(by_label[c["a"]], c["metric"]),
+            groups,
+            decision,
+        )
+        for c in comparisons
+    ]
+
+
+def effects_with_power(
+    runs: list[dict[str, Any]], eff: list[dict[str, Any]], decision: Any
+) -> list[dict[str, Any]]:
+    """The 2x2 effects, each with its MDE and underpowered flag (`_with_power`)."""
+    by_variant = grid_2x2(runs)
+    if by_variant is None:
+        return eff
+    groups = clusters(runs[0])
+    out = []
+    for e in eff:
+        cells = [_scores(by_variant[v], e["metric"]) for v in VARIANTS_2X2]
+        d = sum(w * x for w, x in zip(EFFECT_WEIGHTS[e["effect"]], cells))
+        out.append(_with_power(e, np.asarray(d), groups, decision))
     return out

@@ -11,18 +11,38 @@ the self-contained report.html (`report_html`).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qa_lab import figures, report_html, report_sections, report_why, tracking
+from qa_lab import (
+    cost,
+    figures,
+    report_cost,
+    report_html,
+    report_replicates,
+    report_sections,
+    report_why,
+    tracking,
+)
 from qa_lab.errors import QaLabError
 from qa_lab.records import EvalRow
 from qa_lab.report_answers import sample_ids, side_by_side_section
 from qa_lab.report_blocks import Block, Figure, Heading, Text, arrow, fmt_ci, to_markdown
-from qa_lab.report_stats import clusters, effects, grid_2x2, headline_metric, paired_comparisons
+from qa_lab.report_options import DecisionOptions
+from qa_lab.report_stats import (
+    clusters,
+    comparisons_with_power,
+    effects,
+    effects_with_power,
+    grid_2x2,
+    headline_metric,
+    paired_comparisons,
+)
 from qa_lab.report_summary import summary
+from qa_lab.report_verdict import verdict_lines, verdict_section, verdict_tag, verdicts
 
 SWEPT_PARAMS = (
     "retriever.kind",
@@ -38,16 +58,18 @@ CAPTIONS = {
     "sweep": "Answer quality against the swept parameter",
     "metrics": "Headline metrics with 95% CIs",
     "loss": "LoRA training and validation loss",
+    "cost": report_cost.CAPTION,
 }
 
 
 @dataclass(frozen=True)
 class Report:
-    """A built report: its blocks, the figures they name, and the metrics for the parent run."""
+    """A built report: its blocks, the figures they name, the parent run's metrics and verdict."""
 
     blocks: tuple[Block, ...]
     figures: dict[str, Any]
     logged: dict[str, float]
+    verdict: str = ""  # the parent run's qa_lab.verdict tag
 
     @property
     def markdown(self) -> str:
@@ -131,7 +153,7 @@ def _load_runs(parent_run_id: str) -> list[dict[str, Any]]:
         r["label"] = label
         r["ci"] = json.loads(tracking.run_artifact_text(r["run_id"], "metrics.json"))
         r["items"] = _items(r["run_id"])
-    return runs
+    return report_replicates.pool(runs)
 
 
 def _items(run_id: str) -> list[EvalRow]:
@@ -146,7 +168,7 @@ def _items(run_id: str) -> list[EvalRow]:
 
 
 def _comparison_metrics(comparisons: list[dict[str, Any]]) -> dict[str, float]:
-    """`compare/<a>_vs_<b>/<metric>/{diff,ci_low,ci_high,p_value}` (p Holm-adjusted)."""
+    """`compare/<a>_vs_<b>/<metric>/{diff,ci_low,ci_high,p_value,mde}` (p Holm-adjusted)."""
     logged: dict[str, float] = {}
     for c in comparisons:
         base = f"compare/{metric_key(c['a'])}_vs_{metric_key(c['b'])}/{c['metric']}"
@@ -156,17 +178,22 @@ def _comparison_metrics(comparisons: list[dict[str, Any]]) -> dict[str, float]:
                 f"{base}/ci_low": c["ci_low"],
                 f"{base}/ci_high": c["ci_high"],
                 f"{base}/p_value": c["p_holm"],
+                f"{base}/mde": c["mde"],
             }
         )
     return logged
 
 
 def _effect_metrics(eff: list[dict[str, Any]]) -> dict[str, float]:
-    """`effect/{rag,ft,interaction}/<metric>`: the estimates."""
-    return {f"effect/{e['effect']}/{e['metric']}": e["estimate"] for e in eff}
+    """`effect/{rag,ft,interaction}/<metric>`: the estimates, and `.../mde` their MDEs."""
+    logged = {f"effect/{e['effect']}/{e['metric']}": e["estimate"] for e in eff}
+    logged.update({f"effect/{e['effect']}/{e['metric']}/mde": e["mde"] for e in eff})
+    return logged
 
 
-def _figures(runs: list[dict[str, Any]], headline: str | None) -> dict[str, Any]:
+def _figures(
+    runs: list[dict[str, Any]], headline: str | None, costs: list[report_cost.ConfigCost]
+) -> dict[str, Any]:
     """The report's figures by name; each only where it applies."""
     columns = report_sections.headline_columns(runs)
     out: dict[str, Any] = {}
@@ -189,6 +216,11 @@ def _figures(runs: list[dict[str, Any]], headline: str | None) -> dict[str, Any]
     for name, fig in (("loss", figures.loss_curves(runs)), ("sweep", figures.sweep_curves(runs))):
         if fig is not None:
             out[name] = fig
+    if headline is not None and any(math.isfinite(c.cost.per_1k_answers) for c in costs):
+        cis = {r["label"]: r["ci"][headline] for r in runs}
+        points = report_cost.points(costs, cis)
+        unit = costs[0].cost.unit
+        out["cost"] = figures.quality_cost(points, cis, cost.pareto_front(points), (headline, unit))
     return out
 
 
@@ -211,30 +243,43 @@ def _top_figure(figs: dict[str, Any]) -> list[Block]:
 
 
 def _more_figures(figs: dict[str, Any], shown: list[Block]) -> list[Block]:
-    used = {b.name for b in shown if isinstance(b, Figure)} | {"topics"}
+    used = {b.name for b in shown if isinstance(b, Figure)} | {"topics", "cost"}
     rest = [Figure(n, CAPTIONS[n]) for n in CAPTIONS if n in figs and n not in used]
     return [Heading("More figures"), *rest] if rest else []
 
 
-def build_report(runs: list[dict[str, Any]], boot: Any) -> Report:
-    """The report of a sweep's runs: blocks, their figures, the comparison metrics to log.
+def build_report(
+    runs: list[dict[str, Any]], boot: Any, decision: DecisionOptions | None = None
+) -> Report:
+    """The report of a sweep's runs: blocks, their figures, the metrics and verdict to log.
 
-    `boot` holds the bootstrap's `resamples` and `seed` (`metrics.BootstrapOptions`).
+    `boot` holds the bootstrap's `resamples` and `seed` (`metrics.BootstrapOptions`);
+    `decision` the power, smallest effects of interest and prices (`metrics.MetricsOptions.
+    decision`; None: `DecisionOptions()`, no smallest effects, costs in device hours).
     """
-    comparisons = paired_comparisons(runs, boot)
-    eff = effects(runs, boot)
+    decision = decision or DecisionOptions()
+    report_replicates.pooled_ci(runs, boot)
+    comparisons = comparisons_with_power(runs, paired_comparisons(runs, boot), decision)
+    eff = effects_with_power(runs, effects(runs, boot), decision)
     headline = headline_metric(runs)
-    figs = _figures(runs, headline)
+    costs = report_cost.config_costs(runs, decision.prices)
+    figs = _figures(runs, headline, costs)
+    per_1k = {c.label: c.cost.per_1k_answers for c in costs}
+    found = verdicts(runs, comparisons, per_1k, decision.alpha)
+    lines = verdict_lines(found, comparisons, decision.power)
     top = _top_figure(figs)
     blocks = [
         *_intro(runs),
+        *verdict_section(lines),
         *summary(runs, comparisons, eff),
         *top,
         *report_sections.grid_section(runs),
+        *report_replicates.seeds_section(runs, headline, boot),
         *report_sections.effects_section(runs, eff, headline),
         *report_sections.comparisons_section(runs, comparisons, headline),
         *report_sections.topic_section(runs, figs),
         *report_sections.diagnostics_section(runs),
+        *report_cost.cost_section(costs, "cost" in figs),
         *report_sections.ranking_section(runs),
         *report_sections.retrieval_section(runs),
         *report_why.attribution_section(runs),
@@ -247,7 +292,7 @@ def build_report(runs: list[dict[str, Any]], boot: Any) -> Report:
         *_more_figures(figs, top),
     ]
     logged = {**_comparison_metrics(comparisons), **_effect_metrics(eff)}
-    return Report(tuple(blocks), figs, logged)
+    return Report(tuple(blocks), figs, logged, verdict_tag(lines))
 
 
 def report_sweep(cfg: Any, parent_run_id: str) -> str:
@@ -255,9 +300,11 @@ def report_sweep(cfg: Any, parent_run_id: str) -> str:
     from qa_lab.metrics import MetricsOptions
 
     runs = _load_runs(parent_run_id)
-    report = build_report(runs, MetricsOptions.from_cfg(cfg.metrics).bootstrap)
+    opts = MetricsOptions.from_cfg(cfg.metrics)
+    report = build_report(runs, opts.bootstrap, opts.decision)
     md = report.markdown
     with tracking.resume_run(parent_run_id):
+        tracking.set_tags({"verdict": report.verdict})
         tracking.log_text(md, "report/report.md")
         tracking.log_text(report.html(), "report/report.html")
         for name, fig in report.figures.items():

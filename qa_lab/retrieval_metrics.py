@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from qa_lab import checks
 from qa_lab.errors import QaLabError, require_choice
 from qa_lab.lexical import rouge_l_f1
 from qa_lab.records import EvalRow
@@ -304,14 +305,13 @@ class AttributionOptions:
         require_choice(
             "metrics.attribution.metric", metric, [m for c in answer_scores.values() for m in c]
         )
-        threshold = need("threshold")
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-            raise QaLabError(f"metrics.attribution.threshold={threshold!r} is not a number")
+        threshold = checks.number(need("threshold"), "metrics.attribution.threshold")
         group = next(g for g, columns in answer_scores.items() if metric in columns)
         return cls(
             metric=metric if group in groups else None,
-            threshold=float(threshold),
-            use_judge=bool(need("use_judge")) and "judge" in groups,
+            threshold=threshold,
+            use_judge=checks.flag(need("use_judge"), "metrics.attribution.use_judge")
+            and "judge" in groups,
         )
 
 

@@ -65,10 +65,29 @@ def _table_row(row: EvalRow) -> dict[str, Any]:
     return {**cells, **scores}
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak memory of this process so far, in MiB: resident (`peak_rss_mib`), and on a GPU.
+
+    `ru_maxrss` is KiB on Linux and bytes on macOS. `peak_gpu_mib` (torch's peak allocation)
+    only when torch has initialised CUDA in this process; the report reads its presence as
+    "this config ran on a GPU". Both are process-wide peaks: in a sweep run in one process
+    (the basic launcher) a later run's value includes the earlier runs'.
+    """
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mib": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}
+    torch = sys.modules.get("torch")  # never imported here: a CPU-only run must not load it
+    if torch is not None and torch.cuda.is_initialized():
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def log_scores(scored: RunScores, speed: Mapping[str, float]) -> None:
-    """An evaluate run's scores: metrics, speed, corpus values, the item table and file, CIs."""
+    """An evaluate run's scores: metrics, speed and peak memory, corpus values, items, CIs."""
     log_metrics(scored.summary)
-    log_metrics(speed)
+    log_metrics({**speed, **peak_memory()})
     log_params({k: v for k, v in scored.corpus.items() if isinstance(v, str)})
     log_metrics({k: v for k, v in scored.corpus.items() if isinstance(v, float)})
     log_table([_table_row(r) for r in scored.rows], "eval_items.json")

@@ -72,6 +72,7 @@ NULL_MEANS: dict[str, Any] = {
     "max_train_rows": None,  # all rows
     "knowledge": "qa",  # SFT on the QA pairs only, no continued pretraining
     "adapter": None,  # train (or reuse) this config's own adapter
+    "seeds": None,  # no replicates: `seed` alone
 }
 
 
@@ -102,6 +103,7 @@ class LoraOptions:
     context_k: int  # neighbours in the prompt when context=retrieved
     knowledge: str  # one of KNOWLEDGE
     adapter: str | None  # a folder or runs:/<id>/adapter used instead of training
+    seeds: tuple[int, ...] | None  # training-seed replicates; None: `seed` alone
 
 
 def setting(node: Mapping[str, Any] | Any, name: str, where: str = "model") -> Any:
@@ -132,6 +134,18 @@ def _modules(value: Any, key: str) -> str | tuple[str, ...]:
     return names
 
 
+def _seeds(value: Any, key: str) -> tuple[int, ...] | None:
+    """Distinct whole-number training seeds, at least one; None (null): no replicates."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise QaLabError(f"{key}={value!r} is not a list of seeds, e.g. [42,43,44]")
+    seeds = tuple(checks.whole(seed, f"{key}[{i}]", low=0) for i, seed in enumerate(value))
+    if len(set(seeds)) != len(seeds):
+        raise QaLabError(f"{key}={list(seeds)} repeats a seed: each replicate needs its own")
+    return seeds
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
     """A converter refusing a value outside `choices` (`errors.require_choice`)."""
     return lambda value, key: require_choice(key, value, choices)
@@ -159,6 +173,7 @@ _READ: dict[str, Callable[[Any, str], Any]] = {
     "context_k": partial(checks.whole, low=1),
     "knowledge": _choice(KNOWLEDGE),
     "adapter": partial(checks.text, optional=True),
+    "seeds": _seeds,
 }
 
 

@@ -5,61 +5,18 @@
 after Hydra composes the config: it builds the typed options of every group that script (or its
 mode) reads, through `qa_lab.checks`, so a bad number, choice or path is one line naming the
 dotted key (exit 2 through `errors.cli_errors`) and nothing has been read, built or logged yet.
-
-Two groups' builders still convert with bare `int()`/`float()` (`stages.evaluate.EvalOptions`,
-`metrics.MetricsOptions`); their values are checked here first, in the tables below, until those
-builders convert through `qa_lab.checks` themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from qa_lab import checks
 from qa_lab.errors import QaLabError, require_choice
-
-Check = Callable[[Any, str], Any]  # (value, dotted key) -> the value converted, or QaLabError
-
-_fraction = functools.partial(checks.number, low=0, high=1)
-_count = functools.partial(checks.whole, low=1)
-
-# `metrics` numbers that `metrics.MetricsOptions.from_cfg` converts with bare int()/float().
-METRICS_KEYS: dict[str, Check] = {
-    "copy_threshold": _fraction,
-    "rouge_stemmer": checks.flag,
-    "bertscore.num_layers": _count,
-    "bertscore.baseline_pairs": _count,
-    "bertscore.batch_size": _count,
-    "bootstrap.resamples": _count,
-    "bootstrap.confidence": functools.partial(checks.number, low=0, high=1, above=True),
-    "bootstrap.seed": checks.whole,
-    "samples.count": functools.partial(checks.whole, low=0),
-    "samples.seed": checks.whole,
-    "attribution.use_judge": checks.flag,
-}
-# `eval` (evaluate.py), whose `stages.evaluate.EvalOptions` converts with bare int()/float().
-EVAL_KEYS: dict[str, Check] = {
-    "split": lambda value, key: require_choice(key, value, ("test", "val")),
-    "limit": functools.partial(checks.maybe_whole, low=0),  # 0 or null: all items
-    "train_sample": functools.partial(checks.maybe_whole, low=0),
-    "near_dup_threshold": functools.partial(checks.number, low=-1, high=1),  # a cosine
-}
-
-
-def _table(node: Any, where: str, table: dict[str, Check]) -> None:
-    """Check each dotted key of `table` in `node` (whose path is `where`)."""
-    for dotted, convert in table.items():
-        value: Any = node
-        for part in dotted.split("."):
-            value = value.get(part) if value is not None else None
-        convert(value, f"{where}.{dotted}")
-
 
 # --------------------------------------------------------------------------- groups
 
@@ -146,7 +103,9 @@ def _generation(cfg: DictConfig) -> None:
 
 
 def _eval(cfg: DictConfig) -> None:
-    _table(cfg.eval, "eval", EVAL_KEYS)
+    from qa_lab.stages.evaluate import EvalOptions
+
+    EvalOptions.from_cfg(cfg.eval)
 
 
 def _metrics(cfg: DictConfig) -> None:
@@ -154,7 +113,6 @@ def _metrics(cfg: DictConfig) -> None:
     from qa_lab.judge import JudgeOptions
     from qa_lab.metrics import MetricsOptions
 
-    _table(cfg.metrics, "metrics", METRICS_KEYS)
     opts = MetricsOptions.from_cfg(cfg.metrics)
     if "judge" in opts.groups:
         JudgeOptions.from_cfg(cfg.metrics.get("judge"))

@@ -129,7 +129,8 @@ def compute_verdict(
 
 
 def _num(x: float) -> str:
-    return f"{x:.3f}"
+    text = f"{x:.3f}"
+    return "0.000" if text == "-0.000" else text  # a bound just below zero rounds to zero
 
 
 def _p(p: float) -> str:

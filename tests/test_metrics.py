@@ -432,8 +432,8 @@ def test_copy_rate_flags_answers_lifted_from_the_retrieved_passages():
     assert own["copy_rougeL"] < 0.5
     assert own["copied"] == 0.0
     assert result.corpus["copy_rate"] == pytest.approx(0.5)
-    strict = score(rows, metrics_cfg(groups=["retrieval"], copy_threshold=1.01))
-    assert strict.corpus["copy_rate"] == 0.0
+    loose = score(rows, metrics_cfg(groups=["retrieval"], copy_threshold=0.0))
+    assert loose.corpus["copy_rate"] == 1.0  # every answer overlaps its passage somewhat
 
 
 def test_several_references_use_the_best_or_all():

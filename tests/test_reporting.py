@@ -182,7 +182,9 @@ def test_report_tables_and_logged_metrics_carry_those_numbers():
     assert logged["effect/rag/rougeL_f1"] == pytest.approx(0.225)
     assert logged["compare/vanilla_vs_rag/rougeL_f1/diff"] == pytest.approx(0.2)
     assert logged["compare/lora_vs_rag_lora/token_f1/ci_high"] == pytest.approx(0.0)
-    assert len(logged) == 6 * 2 * 4 + 3 * 2  # 6 pairs x 2 metrics x 4 numbers, 3 effects x 2
+    # 6 pairs x 2 metrics x 5 numbers (diff, CI, p, MDE), 3 effects x 2 metrics x 2 (and MDE)
+    assert len(logged) == 6 * 2 * 5 + 3 * 2 * 2
+    assert logged["compare/vanilla_vs_rag/rougeL_f1/mde"] == pytest.approx(0.0)  # d constant
 
 
 def test_topic_near_dup_and_diagnostics_tables_by_hand():

@@ -21,6 +21,7 @@ from tests.conftest import MODELS_DIR, TINY_RUN, write_small_source
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+VARIANTS = ("lora", "rag", "rag_lora", "vanilla")
 
 
 def _sweep(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -47,7 +48,7 @@ def _sweep(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def _check_parent(store: Path) -> tuple[str, list]:
+def _check_parent(store: Path, variants: tuple[str, ...] = VARIANTS) -> tuple[str, list]:
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     exp = mlflow.get_experiment_by_name("qa-lab")
     parents = mlflow.search_runs(
@@ -63,12 +64,7 @@ def _check_parent(store: Path) -> tuple[str, list]:
         output_format="list",
     )
     evals = [c for c in children if c.data.tags["qa_lab.stage"] == "evaluate"]
-    assert sorted(c.data.tags["qa_lab.variant"] for c in evals) == [
-        "lora",
-        "rag",
-        "rag_lora",
-        "vanilla",
-    ]
+    assert sorted(c.data.tags["qa_lab.variant"] for c in evals) == sorted(variants)
     assert all("rougeL_f1_ci_low" in c.data.metrics for c in evals)
     report = mlflow.artifacts.load_text(f"runs:/{parent}/report/report.md")
     assert (
@@ -100,12 +96,32 @@ def test_basic_launcher_groups_runs_and_reports(basic_sweep):
     assert f"runs:/{parent}/report/report.html" in proc.stdout
 
 
-def test_joblib_launcher_nests_jobs_from_other_processes(basic_sweep, tmp_path):
+def test_joblib_launcher_nests_jobs_and_pools_training_seed_replicates(basic_sweep, tmp_path):
     tmp, _ = basic_sweep
-    _sweep(tmp_path, tmp / "cache", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    parent, children = _check_parent(tmp_path / "mlruns")
-    # the shared cache already held the adapter: no second training
-    assert not [c for c in children if c.data.tags["qa_lab.stage"] == "train"]
+    _sweep(
+        tmp_path,
+        tmp / "cache",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model.seeds=[42,7]",
+    )
+    variants = (*VARIANTS, "lora", "rag_lora")  # each LoRA cell once per seed
+    parent, children = _check_parent(tmp_path / "mlruns", variants)
+    # the shared cache held seed 42's adapter: only seed 7's is trained, once for both jobs
+    trained = [c for c in children if c.data.tags["qa_lab.stage"] == "train"]
+    assert len(trained) == 1
+    lora_runs = [c for c in children if c.data.tags.get("qa_lab.variant") in ("lora", "rag_lora")]
+    assert sorted(c.data.tags["qa_lab.seed"] for c in lora_runs) == ["42", "42", "7", "7"]
+    assert all(c.data.tags["qa_lab.replicates"] == "2" for c in lora_runs)
+    assert all(f"seed{c.data.tags['qa_lab.seed']}" in c.info.run_name for c in lora_runs)
+    report = mlflow.artifacts.load_text(f"runs:/{parent}/report/report.md")
+    seeds = report.split("## Training seeds", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line
+        for line in seeds.splitlines()
+        if line.startswith("| lora") or line.startswith("| rag_lora")
+    ]
+    assert len(rows) == 2 and all("42: " in row and "7: " in row for row in rows)
 
 
 def _free_port() -> int:

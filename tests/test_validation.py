@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from qa_lab import checks, validate
 from qa_lab.config import PROJECT_ROOT, flatten
 from qa_lab.errors import QaLabError
+from qa_lab.report_stats import PAIRED
 from tests.conftest import compose_cfg
 
 # script -> override sets; the last holds every optional group whose keys a default lacks
@@ -37,6 +38,8 @@ CONFIGS = {
         ],
     ],
 }
+PRICES = [f"metrics.decision.prices.{k}" for k in ("prompt_per_1k", "completion_per_1k")]
+PRICES += [f"metrics.decision.prices.{k}" for k in ("cpu_hour", "gpu_hour")]
 # Numeric keys whose default is null (no number to find in the walk), and the script reading them.
 NULL_NUMBERS = {
     "dataset.seeds": "build_dataset",
@@ -44,6 +47,7 @@ NULL_NUMBERS = {
     "eval.limit": "evaluate",
     "model.max_train_rows": "train",  # train.py composes model=lora
     "model.early_stopping_patience": "train",
+    **dict.fromkeys(PRICES, "evaluate"),
 }
 # A value outside each numeric key's range. Every number the walk finds must be listed here or
 # in NO_RANGE, so a new key gets a range decision.
@@ -130,6 +134,10 @@ OUT_OF_RANGE = {
     "tracking.retry.backoff_factor": -1,
     "tracking.retry.max_retries": -1,
     "tracking.retry.timeout_s": -1,
+    "metrics.decision.alpha": 2,
+    "metrics.decision.power": 0,
+    **{f"metrics.decision.min_effect.{m}": -1 for m in PAIRED},
+    **dict.fromkeys(PRICES, -1),
 }
 # Numbers with no range to break beyond "a number": a threshold on any score scale.
 NO_RANGE = {"metrics.attribution.threshold", "retriever.rerank.top_n"}
@@ -146,7 +154,7 @@ WRONG_CHOICES = {
     "dataset.split.strategy": ("build_dataset", []),
     "dataset.split.stratify": ("build_dataset", []),
     "dataset.synthesis.backend": ("build_dataset", []),
-    "dataset.synthesis.mode": ("build_dataset", []),
+    "dataset.synthesis.mode": ("build_dataset", ["dataset.synthesis.backend=local"]),
     "corpus.kind": ("build_dataset", []),
     "corpus.on_bad_file": ("build_dataset", []),
     "chunking.strategy": ("build_dataset", []),
@@ -237,6 +245,19 @@ def test_a_wrong_choice_is_refused_naming_its_key(key):
     assert key in _leaves(script, overrides)  # the key exists where the test looks for it
     message = _refusal(script, overrides, key, "bogus")
     assert f"{key}='bogus' is not one of" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "line"),
+    [
+        ("abc", "model.seeds='abc' is not a list of seeds, e.g. [42,43,44]"),
+        ([], "model.seeds=[] is not a list of seeds, e.g. [42,43,44]"),
+        ([42, -1], "model.seeds[1]=-1 must be >= 0"),
+        ([42, 42], "model.seeds=[42, 42] repeats a seed: each replicate needs its own"),
+    ],
+)
+def test_training_seeds_are_distinct_whole_numbers(value, line):
+    assert _refusal("train", [], "model.seeds", value) == line
 
 
 def test_flags_are_refused_when_not_true_or_false():

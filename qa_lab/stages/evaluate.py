@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from qa_lab import (
+    checks,
     corpus,
     datastore,
     evidence,
@@ -32,7 +33,7 @@ from qa_lab.errors import QaLabError, require_choice
 from qa_lab.records import EvalRow, Passage, QAItem
 from qa_lab.stages.corpus import corpus_for, gold_passages, question_embedder, retriever_for
 from qa_lab.stages.dataset import build_dataset
-from qa_lab.stages.train import adapter_for, require_trained_adapter
+from qa_lab.stages.train import adapter_for, replicates, require_trained_adapter
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,15 @@ class EvalOptions:
 
     @classmethod
     def from_cfg(cls, node: Any) -> EvalOptions:
-        """Read `eval`, refusing an unknown split before any work."""
+        """Read `eval`, each key checked (one line naming it) before any work."""
         return cls(
             split=require_choice("eval.split", node.split, ("test", "val")),
-            limit=int(node.limit) if node.limit else None,
-            train_sample=int(node.train_sample or 0),
-            near_dup_threshold=float(node.near_dup_threshold),
+            # 0 or null: every item
+            limit=checks.maybe_whole(node.limit, "eval.limit", low=0) or None,
+            train_sample=checks.maybe_whole(node.train_sample, "eval.train_sample", low=0) or 0,
+            near_dup_threshold=checks.number(
+                node.near_dup_threshold, "eval.near_dup_threshold", low=-1, high=1
+            ),  # a cosine
         )
 
 
@@ -84,9 +88,10 @@ def evaluate(cfg: DictConfig) -> str:
         "split": opts.split,
         "retriever": retriever.kind,
         "retriever_k": str(retriever.k),
+        **_seed_tags(cfg),
     }
     key = _predict_key(cfg, backend.model_key, items)
-    detail = f"{retriever.kind}-k{retriever.k}" if retriever.k else None
+    detail = "-".join(filter(None, (_retrieval_detail(retriever), _seed_detail(cfg)))) or None
     with _evaluate_run(cfg, key, tags, detail, (adapter, model_key)) as run_id:
         kb_folder = Path(cfg.paths.cache) / "corpus" / kb.key if kb.kind == "folder" else None
         run_logging.log_data_inputs(data_folder, (opts.split,), kb_folder)
@@ -104,6 +109,23 @@ def evaluate(cfg: DictConfig) -> str:
     del backend, answer  # the model: GPU memory the next sweep job in this process needs
     models.release()
     return run_id
+
+
+def _seed_tags(cfg: DictConfig) -> dict[str, str]:
+    """A LoRA run's training seed, and how many replicates its config has (`model.seeds`)."""
+    if cfg.model.kind != "lora" or cfg.model.get("adapter"):
+        return {}
+    return {"seed": str(cfg.model.seed), "replicates": str(len(cfg.model.get("seeds") or [1]))}
+
+
+def _retrieval_detail(retriever: Any) -> str | None:
+    return f"{retriever.kind}-k{retriever.k}" if retriever.k else None
+
+
+def _seed_detail(cfg: DictConfig) -> str | None:
+    """`seed43` in a replicate's run name, so replicates tell apart in the runs table."""
+    replicated = cfg.model.kind == "lora" and len(cfg.model.get("seeds") or []) > 1
+    return f"seed{cfg.model.seed}" if replicated else None
 
 
 @contextlib.contextmanager
@@ -263,4 +285,5 @@ def evaluate_main(cfg: DictConfig) -> None:
     elif cfg.predictions:
         score_predictions_file(cfg)
     else:
-        evaluate(cfg)
+        for one in replicates(cfg):  # one evaluate run per training seed of `model.seeds`
+            evaluate(one)

@@ -6,6 +6,7 @@ the SFT continues the continued-pretraining adapter when `model.knowledge` is co
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,31 @@ def cpt_key(cfg: DictConfig, data_key: str) -> str | None:
         data_key=data_key if knowledge == "both" else None,
         model=keys.model_id(to_dict(cfg.llm)),
     )
+
+
+def replicates(cfg: DictConfig) -> list[DictConfig]:
+    """One config per training-seed replicate (`model.seeds`), its `model.seed` set to that seed.
+
+    A vanilla model, or a LoRA one without `seeds`, is its own single replicate. Each replicate
+    trains (or reuses) its own adapter, since the seed is in the training keys, and is evaluated
+    as its own run; the report pools a config's replicates.
+
+    Raises:
+        QaLabError: seeds are asked for with a given adapter, which has no training seed.
+    """
+    if cfg.model.kind != "lora":
+        return [cfg]
+    seeds = training.lora_options(cfg.model).seeds
+    if not seeds:
+        return [cfg]
+    if cfg.model.get("adapter"):
+        raise QaLabError("model.seeds with model.adapter: a given adapter has no training seed")
+    out = []
+    for seed in seeds:
+        one = copy.deepcopy(cfg)
+        one.model.seed = seed
+        out.append(one)
+    return out
 
 
 def adapter_for(cfg: DictConfig) -> tuple[Path, str]:
@@ -261,8 +287,9 @@ def train_main(cfg: DictConfig) -> None:
     """train.py: train (or reuse) the adapter of this config; the last line is its folder."""
     if cfg.model.kind != "lora":
         raise QaLabError(f"model={cfg.model.kind}: train.py trains model=lora")
-    folder, key = adapter_for(cfg)
-    summary = read_manifest(folder).get("summary", {})
-    if summary:
-        print(", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int | float)))
-    print(folder)
+    for one in replicates(cfg):  # one adapter per training seed of `model.seeds`
+        folder, _ = adapter_for(one)
+        summary = read_manifest(folder).get("summary", {})
+        if summary:
+            print(", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int | float)))
+        print(folder)
