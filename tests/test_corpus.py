@@ -335,6 +335,7 @@ def test_dataset_synthesised_from_the_corpus_without_a_qa_file(store, docs):
             f"corpus.source={docs}",
             "chunking.size=48",
             "dataset.source=null",
+            "dataset.synthesis.backend=local",
             "dataset.synthesis.mode=from_corpus",
             "dataset.synthesis.per_seed=2",
             "dataset.synthesis.max_new_tokens=48",

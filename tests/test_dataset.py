@@ -207,14 +207,14 @@ def test_options_come_from_the_config_and_refuse_bad_choices_up_front():
     assert options().columns is None
     assert (opts.split.strategy, opts.split.seed, opts.split.train) == ("group", 7, 0.7)
     assert (opts.topics.min_k, opts.topics.max_k, opts.topics.similar_labels) == (2, 12, 0.85)
-    assert (opts.synthesis.backend, opts.synthesis.per_seed) == ("local", 2)
+    assert (opts.synthesis.backend, opts.synthesis.per_seed) == ("none", 2)
     assert opts.semantic_dedup_threshold == 0.9 and opts.seeds is None
     with pytest.raises(QaLabError, match=r"dataset\.split\.strategy='stratified'"):
         options(["dataset.split.strategy=stratified"])
     with pytest.raises(QaLabError, match=r"dataset\.synthesis\.backend='vllm'"):
         options(["dataset.synthesis.backend=vllm"])
     with pytest.raises(QaLabError, match=r"dataset\.synthesis\.mode='rewrite'"):
-        options(["dataset.synthesis.mode=rewrite"])
+        options(["dataset.synthesis.backend=local", "dataset.synthesis.mode=rewrite"])
     # an unused generator's mode is not checked (as before the options existed)
     assert options(["dataset.synthesis.backend=none", "dataset.synthesis.mode=x"]).synthesis
 

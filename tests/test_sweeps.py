@@ -108,9 +108,17 @@ def test_joblib_launcher_nests_jobs_and_pools_training_seed_replicates(basic_swe
     variants = (*VARIANTS, "lora", "rag_lora")  # each LoRA cell once per seed
     parent, children = _check_parent(tmp_path / "mlruns", variants)
     # the shared cache held seed 42's adapter: only seed 7's is trained, once for both jobs
+    # (the job that waited on the lock logs its own run of the same key, tagged reused)
     trained = [c for c in children if c.data.tags["qa_lab.stage"] == "train"]
-    assert len(trained) == 1
-    lora_runs = [c for c in children if c.data.tags.get("qa_lab.variant") in ("lora", "rag_lora")]
+    assert {c.data.tags["qa_lab.key"] for c in trained} == {trained[0].data.tags["qa_lab.key"]}
+    assert sorted(c.data.tags["qa_lab.reused"] for c in trained)[0] == "false"
+    assert [c.data.tags["qa_lab.reused"] for c in trained].count("false") == 1
+    lora_runs = [
+        c
+        for c in children
+        if c.data.tags["qa_lab.stage"] == "evaluate"
+        and c.data.tags.get("qa_lab.variant") in ("lora", "rag_lora")
+    ]
     assert sorted(c.data.tags["qa_lab.seed"] for c in lora_runs) == ["42", "42", "7", "7"]
     assert all(c.data.tags["qa_lab.replicates"] == "2" for c in lora_runs)
     assert all(f"seed{c.data.tags['qa_lab.seed']}" in c.info.run_name for c in lora_runs)

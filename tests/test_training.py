@@ -360,7 +360,7 @@ def test_default_options_give_the_yaml_schedule(base_model, tmp_path):
         dropout=0.05,
         target_modules="all-linear",
         learning_rate=1e-4,
-        epochs=2.0,
+        epochs=1.0,
         batch_size=8,
         grad_accum=1,
         max_length=256,
@@ -375,9 +375,10 @@ def test_default_options_give_the_yaml_schedule(base_model, tmp_path):
         context_k=3,
         knowledge="corpus",
         adapter=None,
+        seeds=None,
     )
     args = lora_trainer.sft_config(lora, model=base_model, output_dir=tmp_path, has_val=True)
-    assert (args.learning_rate, args.num_train_epochs, args.warmup_steps) == (1e-4, 2.0, 0.05)
+    assert (args.learning_rate, args.num_train_epochs, args.warmup_steps) == (1e-4, 1.0, 0.05)
     assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (8, 8)
     assert (args.gradient_accumulation_steps, args.weight_decay) == (1, 0.0)
     assert (args.seed, args.data_seed, args.lr_scheduler_type) == (42, 42, "linear")
