@@ -96,12 +96,13 @@ def effects(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
     if by_variant is None:
         return []
     groups = clusters(runs[0])
+    replicated = report_replicates.replicated(runs)
     out = []
     for metric in paired_metrics(runs):
         cells = [[it.scores[metric] for it in by_variant[v]["items"]] for v in VARIANTS_2X2]
         result = (
             report_replicates.effects(by_variant, metric, groups, boot)
-            if report_replicates.replicated(runs)
+            if replicated
             else stats.effects_2x2(
                 *cells, clusters=groups, resamples=int(boot.resamples), seed=int(boot.seed)
             )
