@@ -16,7 +16,7 @@ import functools
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ class GenerationOptions:
     batch_size: int  # rows decoded together at most
     batch_tokens: int | None  # prompt + max_new_tokens positions cached at most (None: no cap)
     threads: int | None  # torch CPU threads (None: all cores)
+    repeats: int = 1  # sampled answers per item; per-item scores average over them
 
     @classmethod
     def from_cfg(cls, gen_cfg: Any, seed: int) -> GenerationOptions:
@@ -95,7 +96,13 @@ class GenerationOptions:
         if batch_size is None:
             raise QaLabError("generation.batch_size is not set; see conf/generation.yaml")
         params = GenParams.from_cfg(gen_cfg, seed)
-        return cls(params, batch_size, batch_tokens, threads)
+        repeats = checks.whole(gen_cfg.get("repeats", 1), "generation.repeats", low=1)
+        if repeats > 1 and not params.do_sample:
+            raise QaLabError(
+                f"generation.repeats={repeats} needs generation.do_sample=true: greedy "
+                "decoding gives the same answer every time"
+            )
+        return cls(params, batch_size, batch_tokens, threads, repeats)
 
 
 # torch dtypes a model is loaded in (conf/llm/*.yaml), and the devices `models.pick_device` takes
@@ -243,6 +250,9 @@ class Backend:
     model_key: str
     render: Callable[[list[dict[str, str]]], str]
     make_generator: Callable[[], Generator]  # built once, only when an answer is missing
+    # the prompt of a repeated sample where the seed travels in the request (openai: the
+    # server would answer one seed once); None: the local engine's own sampler draws afresh
+    render_seeded: Callable[[list[dict[str, str]], int], str] | None = None
 
 
 def backend(cfg: Any, params: GenParams, adapter: Path | None, model_key: str) -> Backend:
@@ -268,6 +278,7 @@ def backend(cfg: Any, params: GenParams, adapter: Path | None, model_key: str) -
             functools.cache(
                 functools.partial(OpenAIGenerator.from_cfg, cfg.llm, "llm", params, served)
             ),
+            render_seeded=chat_request,
         )
     from qa_lab import models
 
@@ -335,11 +346,19 @@ def vllm_lora_rank(r: int) -> int:
 
 
 class Answerer:
-    """Renders items' prompts and answers them through the per-item cache, as `EvalRow`s."""
+    """Renders items' prompts and answers them through the per-item cache, as `EvalRow`s.
 
-    def __init__(self, backend: Backend, params: GenParams, cache: ItemCache, prompt: Any) -> None:
+    With `repeats` > 1 (sampling) each item is answered that many times: repeat 0 is the
+    answer a single-repeat run caches, repeat r its own cache entry (salt `repeat:r`, and for
+    a server a seed of its own), so raising `repeats` keeps every answer already made.
+    """
+
+    def __init__(
+        self, backend: Backend, params: GenParams, cache: ItemCache, prompt: Any, repeats: int = 1
+    ) -> None:
         self.backend, self.params, self.cache = backend, params, cache
         self.system, self.context_header = prompt.system, prompt.context_header  # `prompt` node
+        self.repeats = repeats
 
     def render(
         self, items: list[QAItem], passages: list[list[Passage]]
@@ -362,23 +381,43 @@ class Answerer:
         passages: list[list[Passage]],
         rendered: tuple[list[list[dict[str, str]]], list[str]],
     ) -> tuple[list[EvalRow], dict[str, float]]:
-        """The items' rows and the run's generation speed (over freshly generated answers)."""
+        """The items' rows and the run's generation speed (over freshly generated answers).
+
+        Rows come repeat by repeat (`rows[r * len(items) + i]`: item i's repeat r), each
+        marked with its `repeat` when there are several.
+        """
         messages, texts = rendered
+        runs = range(self.repeats)
+        prompts_ = [text for r in runs for text in self._repeat_texts(messages, texts, r)]
         started = time.perf_counter()
         preds = generate_cached(
-            [it.id for it in items],
-            texts,
+            [it.id for _ in runs for it in items],
+            prompts_,
             self.params,
             self.backend.make_generator,
             self.cache,
             self.backend.model_key,
+            salts=[f"repeat:{r}" if r else "" for r in runs for _ in items],
         )
         wall = time.perf_counter() - started
+        n, several = len(items), self.repeats > 1
         rows = [
-            EvalRow.answered(it, p, ps, m, text, self.params.max_new_tokens)
-            for it, p, ps, m, text in zip(items, preds, passages, messages, texts)
+            EvalRow.answered(
+                items[j % n], p, passages[j % n], messages[j % n], text, self.params.max_new_tokens
+            )
+            for j, (p, text) in enumerate(zip(preds, prompts_))
         ]
+        if several:
+            rows = [replace(row, repeat=j // n) for j, row in enumerate(rows)]
         return rows, speed(rows, wall)
+
+    def _repeat_texts(
+        self, messages: list[list[dict[str, str]]], texts: list[str], repeat: int
+    ) -> list[str]:
+        """Repeat `repeat`'s prompts: the rendered ones, or with the repeat's seed in them."""
+        if not repeat or self.backend.render_seeded is None:
+            return texts
+        return [self.backend.render_seeded(m, self.params.seed + repeat) for m in messages]
 
 
 def speed(rows: list[EvalRow], wall_s: float) -> dict[str, float]:

@@ -98,6 +98,7 @@ class JudgeOptions:
     temperature: float = 0.0  # 0: greedy, reproducible verdicts
     max_tokens: int = 64  # the JSON verdict needs ~20 tokens
     client: Any = None  # openai_client.ClientOptions
+    repeats: int = 1  # verdicts per answer (needs temperature > 0); the item's is their mean
 
     @classmethod
     def from_cfg(cls, node: Any) -> JudgeOptions:
@@ -111,16 +112,30 @@ class JudgeOptions:
                 f"{where}.model and {where}.base_url"
             )
         temperature, max_tokens = node.get("temperature"), node.get("max_tokens")
+        temperature = (
+            cls.temperature
+            if temperature is None
+            else checks.number(temperature, f"{where}.temperature", low=0)
+        )
         return cls(
             model=str(checks.text(node.model, f"{where}.model")),
-            temperature=cls.temperature
-            if temperature is None
-            else checks.number(temperature, f"{where}.temperature", low=0),
+            temperature=temperature,
             max_tokens=cls.max_tokens
             if max_tokens is None
             else checks.whole(max_tokens, f"{where}.max_tokens", low=1),
             client=ClientOptions.from_cfg(node, where),
+            repeats=_repeats(node, where, temperature),
         )
+
+
+def _repeats(node: Any, where: str, temperature: float) -> int:
+    """`metrics.judge.repeats`, refused above 1 with greedy verdicts (each would be the same)."""
+    repeats = checks.whole(node.get("repeats", 1), f"{where}.repeats", low=1)
+    if repeats > 1 and temperature <= 0:
+        raise QaLabError(
+            f"{where}.repeats={repeats} needs {where}.temperature > 0: greedy verdicts repeat"
+        )
+    return repeats
 
 
 def judge_rows(
@@ -145,10 +160,11 @@ def judge_rows(
     model_key = f"judge:{model}:{prompt_hash()}"
     cache = ItemCache(Path(cache_dir) / "answers.sqlite")
 
-    def ask(ids: list[str], chats: list[list[dict[str, str]]]) -> list[str]:
+    def ask(ids: list[str], chats: list[list[dict[str, str]]], repeat: int) -> list[str]:
         replies = generate_cached(
             ids,
-            [chat_request(m) for m in chats],
+            # repeat 0 is the request a single verdict sends; repeat r its own seed and entry
+            [chat_request(m, params.seed + repeat if repeat else None) for m in chats],
             params,
             lambda: OpenAIGenerator.from_cfg(judge_cfg, "metrics.judge", params, model),
             cache,
@@ -161,20 +177,59 @@ def judge_rows(
     chats = [
         prompts.judge_messages(str(r.question), str(r.reference), str(r.prediction)) for r in rows
     ]
-    replies = ask(ids, chats)
+    verdicts = [_verdicts(ask, ids, chats, repeat) for repeat in range(opts.repeats)]
+    scores = [_mean_scores([item_scores(v[0][i]) for v in verdicts]) for i in range(len(rows))]
+    retried = sum(v[2] for v in verdicts)
+    replies = verdicts[0][1]
+    info = {
+        "judge_model": model,
+        "judge_prompt_hash": prompt_hash(),
+        "judge_temperature": str(temperature),
+        "judge_retried": float(retried),
+        "judge_repeats": float(opts.repeats),
+    }
+    if opts.repeats > 1:
+        info["judge_repeat_sd"] = _correct_spread([v[0] for v in verdicts])
+    return scores, replies, info
+
+
+def _verdicts(
+    ask: Any, ids: list[str], chats: list[list[dict[str, str]]], repeat: int
+) -> tuple[list[dict[str, Any] | None], list[str], int]:
+    """One verdict per answer (`repeat`: which of the judge's repeats), and how many retried.
+
+    An unparseable reply is asked once more with a reminder of the format; what is still
+    unparseable stays None (counted as such, never guessed).
+    """
+    replies = ask(ids, chats, repeat)
     parsed = [parse_verdict(text) for text in replies]
     retry = [i for i, p in enumerate(parsed) if p is None]
     if retry:
         again = ask(
             [ids[i] for i in retry],
             [prompts.judge_repair_messages(chats[i], replies[i]) for i in retry],
+            repeat,
         )
         for i, text in zip(retry, again):
             parsed[i], replies[i] = parse_verdict(text), text
-    info = {
-        "judge_model": model,
-        "judge_prompt_hash": prompt_hash(),
-        "judge_temperature": str(temperature),
-        "judge_retried": float(len(retry)),
-    }
-    return [item_scores(p) for p in parsed], replies, info
+    return parsed, replies, len(retry)
+
+
+def _mean_scores(per_repeat: list[dict[str, float]]) -> dict[str, float]:
+    """An answer's judge columns: the mean over the judge's repeats (NaN ones left out)."""
+    out = {}
+    for name in per_repeat[0]:
+        finite = [s[name] for s in per_repeat if math.isfinite(s[name])]
+        out[name] = sum(finite) / len(finite) if finite else math.nan
+    return out
+
+
+def _correct_spread(verdicts: list[list[dict[str, Any] | None]]) -> float:
+    """Mean over answers of the SD of the judge's `correct` call across its repeats."""
+    import numpy as np
+
+    calls = np.array(
+        [[item_scores(p)["judge_correct"] for p in repeat] for repeat in verdicts], dtype=float
+    )
+    ok = np.isfinite(calls).sum(axis=0) >= 2
+    return float(np.nanstd(calls[:, ok], axis=0, ddof=1).mean()) if ok.any() else math.nan

@@ -229,9 +229,13 @@ def predict_key(
     `evaluation` holds the `generation`, `prompt` and `retriever` config nodes. Reranking that
     is off (`retriever.rerank.model` null) is inert, so it is left out, and so is `k` with
     `retriever=none` (it retrieves nothing at any k): a preset's `retriever.k` then leaves the
-    closed-book runs of its sweep alone.
+    closed-book runs of its sweep alone. One sampling repeat (`generation.repeats: 1`) is a
+    run as it was before repeats existed, so it is left out too.
     """
     semantic = without(evaluation, EXCLUDE["predict"])
+    generation = semantic.get("generation") or {}
+    if generation.get("repeats", 1) == 1:
+        generation.pop("repeats", None)
     retriever = semantic.get("retriever") or {}
     rerank = retriever.get("rerank")
     if isinstance(rerank, Mapping) and not rerank.get("model"):

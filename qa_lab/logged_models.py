@@ -80,6 +80,13 @@ def base_entry(llm: Mapping[str, Any]) -> ModelEntry:
     return ModelEntry("base", key, params)
 
 
+def param(model_id: str | None, name: str) -> str | None:
+    """A param of the logged model `model_id` (None without the model or the param)."""
+    import mlflow
+
+    return mlflow.get_logged_model(model_id).params.get(name) if model_id else None
+
+
 def find(entry: ModelEntry, experiment_id: str) -> str | None:
     """The newest READY logged model of this kind and key in the experiment, or None."""
     import mlflow

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,39 @@ class ScoreResult:
             self.bleu_stats[np.asarray(indices, dtype=int)], smooth=self.bleu_smooth
         )
 
+    def pooled(self, n: int) -> ScoreResult:
+        """One entry per item, the mean over its repeats (entry r * n + i: item i, repeat r).
+
+        Corpus BLEU pools the statistics of all of an item's answers (a bootstrap resample
+        draws an item with every repeat of it); the run-level means are recomputed.
+        """
+        repeats = len(self.per_item) // n
+        per_item = []
+        for i in range(n):
+            answers = [self.per_item[r * n + i] for r in range(repeats)]
+            names = dict.fromkeys(name for scores in answers for name in scores)
+            per_item.append(
+                {name: _finite_mean([s.get(name, math.nan) for s in answers]) for name in names}
+            )
+        stats = None
+        if self.bleu_stats is not None:
+            stats = self.bleu_stats.reshape(repeats, n, -1).sum(axis=0)
+        corpus = {**self.corpus, **_means(per_item)}
+        topics = self.topics[:n]
+        return replace(self, per_item=per_item, corpus=corpus, topics=topics, bleu_stats=stats)
+
+    def repeat_spread(self, n: int) -> dict[str, float]:
+        """Per metric (run-level name): the mean over items of the SD across their repeats."""
+        repeats = len(self.per_item) // n
+        out: dict[str, float] = {}
+        for name in self.metric_names():
+            values = self.column(name).reshape(repeats, n)
+            ok = np.isfinite(values).sum(axis=0) >= 2  # an SD needs two answers
+            if ok.any():
+                sd = np.nanstd(values[:, ok], axis=0, ddof=1)
+                out[RUN_NAMES.get(name, name)] = float(sd.mean())
+        return out
+
     def topic_means(self) -> dict[str, dict[str, float]]:
         """Per-topic means of every per-item metric, plus corpus BLEU and n per topic."""
         return self.group_means(self.topics or [None] * len(self.per_item))
@@ -275,6 +308,12 @@ class ScoreResult:
             means["n"] = float(len(idx))
             out[topic] = means
         return out
+
+
+def _finite_mean(values: list[float]) -> float:
+    """The mean of the finite values (NaN when there are none)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _means(per_item: list[dict[str, float]]) -> dict[str, float]:

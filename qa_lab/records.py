@@ -114,6 +114,8 @@ _SERIALISED_ORDER = (
     "nearest_train_cosine",
     "near_dup",
     "judge_reply",
+    "repeat",
+    "repeat_answers",
     "scores",
 )
 _TUPLES = (
@@ -121,6 +123,7 @@ _TUPLES = (
     "retrieved",
     "messages",
     "gold",
+    "repeat_answers",
 )  # lists in JSON, tuples in the frozen record
 
 
@@ -158,6 +161,9 @@ class EvalRow:
     nearest_train_cosine: float | None = None
     near_dup: bool | None = None
     judge_reply: str | None = None
+    repeat: int | None = None  # which sampled answer this is, with generation.repeats > 1
+    # the item's other sampled answers, once its scores are pooled (mean over every repeat)
+    repeat_answers: tuple[str, ...] | None = None
     scores: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     order: tuple[str, ...] = ()

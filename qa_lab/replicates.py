@@ -30,7 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from qa_lab.stats import CI, _check, _interval, _sign_matrix, _Units, cohen_dz, sign_flip_p
+from qa_lab.stats import (
+    CI,
+    EFFECT_WEIGHTS,
+    _check,
+    _interval,
+    _sign_matrix,
+    _Units,
+    cohen_dz,
+    sign_flip_p,
+)
 
 # Resamples x clusters per chunk of cluster counts: 2**20 float64 = 8 MiB per array; a chunk
 # holds about four such arrays (draws, offsets, counts, products), so ~32 MiB at most.
@@ -60,8 +69,8 @@ class Contrast:
     resamples: int
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain dict for logging."""
-        return asdict(self)
+        """Plain dict for logging and the report (JSON types: `n_seeds` a list)."""
+        return {**asdict(self), "n_seeds": list(self.n_seeds)}
 
 
 @dataclass(frozen=True)
@@ -292,12 +301,8 @@ def effects_2x2_replicates(
     groups = [0, 1, 2, 2] if shared_seeds else [0, 1, 2, 3]
     b = _Boot([vanilla, rag, lora, rag_lora], groups, clusters, resamples, seed)
     names = ("vanilla", "rag", "lora", "rag_lora")
-    return Effects2x2(
-        means={name: float(m) for name, m in zip(names, b.point)},
-        rag=b.contrast([-0.5, 0.5, -0.5, 0.5], confidence),
-        ft=b.contrast([-0.5, -0.5, 0.5, 0.5], confidence),
-        interaction=b.contrast([1.0, -1.0, -1.0, 1.0], confidence),
-    )
+    contrasts = {name: b.contrast(list(w), confidence) for name, w in EFFECT_WEIGHTS.items()}
+    return Effects2x2(means={name: float(m) for name, m in zip(names, b.point)}, **contrasts)
 
 
 def seed_spread(scores: Sequence[Any] | np.ndarray) -> SeedSpread:

@@ -6,6 +6,7 @@ as report.html, so the two never disagree. Number formatting shared by the secti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -114,7 +115,13 @@ def arrow(metric: str) -> str:
 
 
 def fmt_ci(c: dict[str, Any], digits: int = 4) -> str:
-    """`mean [low, high]` (4 decimals unless told)."""
+    """`mean [low, high]` (4 decimals unless told); `mean (no CI)` where the bounds are NaN.
+
+    NaN bounds: a replicated cell's corpus BLEU, the mean of its seeds' values with no
+    per-item score to resample.
+    """
+    if math.isnan(c["low"]) or math.isnan(c["high"]):
+        return f"{c['mean']:.{digits}f} (no CI)"
     return f"{c['mean']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
 
 

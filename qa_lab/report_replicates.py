@@ -104,7 +104,7 @@ def paired(
         resamples=int(boot.resamples),
         seed=int(boot.seed),
     )
-    return {"diff": c.estimate, **_contrast_fields(c)}
+    return {"diff": c.estimate, **c.as_dict()}
 
 
 def effects(
@@ -124,23 +124,9 @@ def effects(
     out: dict[str, Any] = {"means": result.means}
     for name in ("rag", "ft", "interaction"):
         c = getattr(result, name)
-        out[name] = {"estimate": c.estimate, **_contrast_fields(c)}
+        out[name] = c.as_dict()
     out.update(n=result.rag.n, n_clusters=result.rag.n_clusters, method=result.rag.method)
     return out
-
-
-def _contrast_fields(c: Any) -> dict[str, Any]:
-    return {
-        "ci_low": c.ci_low,
-        "ci_high": c.ci_high,
-        "p_value": c.p_value,
-        "effect_size": c.effect_size,
-        "se": c.se,
-        "n": c.n,
-        "n_clusters": c.n_clusters,
-        "n_seeds": list(c.n_seeds),
-        "method": c.method,
-    }
 
 
 def pooled_ci(cells: list[dict[str, Any]], boot: Any) -> None:

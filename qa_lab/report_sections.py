@@ -334,3 +334,40 @@ def ranking_section(runs: list[dict[str, Any]]) -> list[Block]:
             ],
         ),
     ]
+
+
+def repeats_section(runs: list[dict[str, Any]], headline: str | None) -> list[Block]:
+    """Configs answered several times per item (`generation.repeats`): the sampling spread.
+
+    Next to the CI over items, the within-item sd says how much one sampled answer moves: a
+    spread near the gap between two configs means a single sample could have ranked them
+    either way.
+    """
+    sampled = [r for r in runs if r.get("metrics", {}).get("repeats/n", 1) > 1]
+    if not sampled or headline is None:
+        return []
+    shown = list(dict.fromkeys([headline, "token_f1"]))
+    rows = [
+        [r["label"], f"{r['metrics']['repeats/n']:.0f}"]
+        + [_spread(r, m) for m in shown]
+        + [fmt_ci(r["ci"][headline]) if headline in r["ci"] else "–"]
+        for r in sampled
+    ]
+    return [
+        Heading("Sampling repeats"),
+        Text(
+            "Configs that sampled several answers per item: each item's score is the mean over "
+            "its answers (the CIs resample items with all their answers); the within-item sd "
+            "is the mean over items of the sd across one item's answers."
+        ),
+        table(
+            ["config", "answers per item", *(f"within-item sd {m}" for m in shown),
+             f"{headline} mean [95% CI]"],
+            rows,
+        ),
+    ]  # fmt: skip
+
+
+def _spread(run: dict[str, Any], metric: str) -> str:
+    value = run["metrics"].get(f"repeats/{metric}_sd")
+    return "–" if value is None else f"{value:.4f}"

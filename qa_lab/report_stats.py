@@ -114,15 +114,6 @@ def effects(runs: list[dict[str, Any]], boot: Any) -> list[dict[str, Any]]:
     return out
 
 
-# Each 2x2 effect as weights on the per-item scores of (vanilla, rag, lora, rag_lora), the
-# contrasts `stats.effects_2x2` estimates.
-EFFECT_WEIGHTS = {
-    "rag": (-0.5, 0.5, -0.5, 0.5),
-    "ft": (-0.5, -0.5, 0.5, 0.5),
-    "interaction": (1.0, -1.0, -1.0, 1.0),
-}
-
-
 def _scores(run: dict[str, Any], metric: str) -> np.ndarray:
     return np.array([it.scores[metric] for it in run["items"]], dtype=float)
 
@@ -169,6 +160,8 @@ def effects_with_power(
     runs: list[dict[str, Any]], eff: list[dict[str, Any]], decision: Any
 ) -> list[dict[str, Any]]:
     """The 2x2 effects, each with its MDE and underpowered flag (`_with_power`)."""
+    from qa_lab import stats
+
     by_variant = grid_2x2(runs)
     if by_variant is None:
         return eff
@@ -176,6 +169,6 @@ def effects_with_power(
     out = []
     for e in eff:
         cells = [_scores(by_variant[v], e["metric"]) for v in VARIANTS_2X2]
-        d = sum(w * x for w, x in zip(EFFECT_WEIGHTS[e["effect"]], cells))
+        d = sum(w * x for w, x in zip(stats.EFFECT_WEIGHTS[e["effect"]], cells))
         out.append(_with_power(e, np.asarray(d), groups, decision))
     return out

@@ -275,6 +275,7 @@ def build_report(
         *top,
         *report_sections.grid_section(runs),
         *report_replicates.seeds_section(runs, headline, boot),
+        *report_sections.repeats_section(runs, headline),
         *report_sections.effects_section(runs, eff, headline),
         *report_sections.comparisons_section(runs, comparisons, headline),
         *report_sections.topic_section(runs, figs),

@@ -55,6 +55,7 @@ def score_rows(
     if "judge" in opts.groups:
         replies = _judge(rows, scored, opts, cache_dir)
     put_columns(scored.per_item, rm.attribution_columns(rows, scored.column, opts.attribution))
+    rows, scored, spread = _pool_repeats(rows, scored)
     ci = _cis(rows, scored, opts.bootstrap)
     topics = scored.topic_means()
     return RunScores(
@@ -64,9 +65,32 @@ def score_rows(
         ],
         corpus=scored.corpus,
         ci=ci,
-        summary=_summary(rows, scored, ci, topics),
+        summary={**_summary(rows, scored, ci, topics), **spread},
         topics=topics,
     )
+
+
+def _pool_repeats(
+    rows: Sequence[EvalRow], scored: ScoreResult
+) -> tuple[list[EvalRow], ScoreResult, dict[str, float]]:
+    """Sampled repeats (`generation.repeats`) pooled: one row per item, its scores the mean.
+
+    The CIs and paired tests then resample items, each carrying the mean over its answers
+    (the sampling noise averaged in, not counted as extra items). Returns the items' first
+    rows (with the other answers in `repeat_answers`), the pooled scores, and the spread:
+    `repeats/<metric>_sd`, the mean over items of the SD across their answers, and
+    `repeats/n`. Without repeats, the rows and scores as they were, and no spread.
+    """
+    n = sum(1 for r in rows if not r.repeat)  # repeat 0, or None without repeats
+    if n == len(rows):
+        return list(rows), scored, {}
+    repeats = len(rows) // n
+    first = [
+        replace(row, repeat_answers=tuple(rows[r * n + i].prediction for r in range(1, repeats)))
+        for i, row in enumerate(rows[:n])
+    ]
+    spread = {f"repeats/{name}_sd": sd for name, sd in scored.repeat_spread(n).items()}
+    return first, scored.pooled(n), {**spread, "repeats/n": float(repeats)}
 
 
 def _judge(

@@ -263,6 +263,17 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> list[float]:
     return out.tolist()
 
 
+# Each 2x2 effect as weights on the per-item scores of (vanilla, rag, lora, rag_lora): rag and
+# ft average a main effect over the other factor's levels, interaction is a difference of
+# differences. `effects_2x2`, the replicated `replicates.effects_2x2_replicates` and the
+# report's power analysis all read the contrasts from here.
+EFFECT_WEIGHTS = {
+    "rag": (-0.5, 0.5, -0.5, 0.5),
+    "ft": (-0.5, -0.5, 0.5, 0.5),
+    "interaction": (1.0, -1.0, -1.0, 1.0),
+}
+
+
 def effects_2x2(
     vanilla: Sequence[float] | np.ndarray,
     rag: Sequence[float] | np.ndarray,
@@ -288,9 +299,8 @@ def effects_2x2(
     (v, r, f, rf), clusters = _finite(vanilla, rag, lora, rag_lora, clusters=clusters)
     units = _Units(len(v), clusters)
     contrasts = {
-        "rag": ((r - v) + (rf - f)) / 2,
-        "ft": ((f - v) + (rf - r)) / 2,
-        "interaction": (rf - f) - (r - v),
+        name: sum(w * x for w, x in zip(weights, (v, r, f, rf)))
+        for name, weights in EFFECT_WEIGHTS.items()
     }
     out: dict[str, Any] = {
         "means": {

@@ -40,7 +40,10 @@ SECONDS = {
     "rag_lora": [0.7, 0.8] * 6,
 }
 PROMPT_TOKENS = {"vanilla": 60, "rag": 400, "lora": 60, "rag_lora": 400}
-TRAIN_WALL_S = 360.0  # the adapter's training run: 0.1 device-hours
+# The adapter's training: its SFT run and the continued pretraining the SFT continued, 0.1
+# device-hours together (the CPT found through the adapter's logged model's `cpt_key`)
+SFT_WALL_S, CPT_WALL_S = 240.0, 120.0
+TRAIN_WALL_S = SFT_WALL_S + CPT_WALL_S
 Z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)  # 2.802
 
 
@@ -94,13 +97,19 @@ def _log_sweep(tmp_path: Path, rag_lora_shift: float) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     exp = mlflow.create_experiment("qa-lab", artifact_location=(tmp_path / "art").as_uri())
-    with mlflow.start_run(experiment_id=exp, tags={"qa_lab.stage": "train", "qa_lab.key": "ad1"}):
-        tracking.log_metrics({"wall_s": TRAIN_WALL_S, "train_tokens": 5000.0})
+    for stage, key, wall_s in (("train", "ad1", SFT_WALL_S), ("cpt", "cp1", CPT_WALL_S)):
+        with mlflow.start_run(experiment_id=exp, tags={"qa_lab.stage": stage, "qa_lab.key": key}):
+            tracking.log_metrics({"wall_s": wall_s, "train_tokens": 5000.0})
+    adapter = mlflow.initialize_logged_model(
+        name="lora-ad1", params={"train_key": "ad1", "cpt_key": "cp1"}, experiment_id=exp
+    ).model_id
     with mlflow.start_run(experiment_id=exp, run_name="sweep") as parent:
         for variant, scores in _scores(rag_lora_shift).items():
             tags = {"qa_lab.stage": "evaluate", "qa_lab.variant": variant}
             tags["qa_lab.eval_set_hash"] = "h"
             tags["qa_lab.model_key"] = "lora:ad1" if "lora" in variant else "smollm2"
+            if "lora" in variant:
+                tags["qa_lab.logged_model"] = adapter
             with mlflow.start_run(experiment_id=exp, nested=True, run_name=variant, tags=tags):
                 mlflow.log_param("retriever.kind", "faiss" if "rag" in variant else "none")
                 rows = _rows(variant, scores)
@@ -289,13 +298,22 @@ def test_peak_memory_is_this_process_high_water_mark():
     peak = run_logging.peak_memory()["peak_rss_mib"]
     hwm_kib = int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1))
     assert peak == pytest.approx(hwm_kib / 1024, rel=0.05)
+    # a sweep job's own peak: an earlier job's 256 MiB, freed, no longer counts after the reset
+    block = np.ones(2**25)  # 256 MiB of float64
+    block[::512] = 2.0  # touch every page
+    assert run_logging.peak_memory()["peak_rss_mib"] >= 256
+    del block
+    before = run_logging.peak_memory()["peak_rss_mib"]
+    run_logging.reset_peak_memory()
+    assert run_logging.peak_memory()["peak_rss_mib"] < before - 200
 
 
-def test_a_sweep_answered_from_the_cache_has_tokens_but_no_costs():
+def test_a_sweep_whose_answers_carry_no_seconds_has_tokens_but_no_costs():
+    """A predictions file's rows have no generation seconds (a cached answer keeps its own)."""
     from tests.test_reporting import BOOT, _grid
 
     runs = _grid()
-    for r in runs:  # every answer cached: tokens known, no generation seconds
+    for r in runs:  # tokens known, no generation seconds
         r["metrics"] = {"prompt_tokens_per_answer": 80.0, "completion_tokens_per_answer": 12.0}
     report = reporting.build_report(runs, BOOT)
     cost = {row[0]: row for row in _table(report.markdown, "Cost and latency per config")}

@@ -311,6 +311,47 @@ def test_judge_retries_once_counts_unparseable_and_caches(scripted, store):
     assert len(server.requests) == 6  # every reply, retries included, came from the cache
 
 
+def test_judge_repeats_ask_one_seed_each_and_average_the_verdicts(scripted, store):
+    """Sampled verdicts: repeat r sends seed 42 + r; an item's judge columns are the mean."""
+
+    def respond(body: dict) -> tuple[int, dict, dict]:
+        verdict = "correct" if body["seed"] == 42 else "incorrect"  # repeat 0, then 1 and 2
+        return (
+            200,
+            _reply(f'{{"verdict": "{verdict}", "score": {5 if body["seed"] == 42 else 2}}}'),
+            {},
+        )
+
+    server = scripted(respond)
+    judged = [
+        *store,
+        "metrics=judge",
+        "metrics.groups=[judge]",
+        "metrics.judge.model=judge-m",
+        f"metrics.judge.base_url={server.url}",
+        "metrics.judge.temperature=0.7",
+        "metrics.bootstrap.resamples=200",
+    ]
+    rows = [
+        {"item_id": f"i{n}", "question": "What is X?", "reference": "X is a thing.",
+         "prediction": f"answer {n}", "seed_id": f"i{n}"}
+        for n in range(2)
+    ]  # fmt: skip
+    result = _score_rows(compose_cfg("evaluate", [*judged, "metrics.judge.repeats=3"]), rows)
+    assert sorted(body["seed"] for _, body in server.requests) == [42, 42, 43, 43, 44, 44]
+    assert [r.scores["judge_correct"] for r in result.rows] == pytest.approx([1 / 3, 1 / 3])
+    assert [r.scores["judge_score"] for r in result.rows] == pytest.approx([3.0, 3.0])
+    assert result.corpus["judge_repeats"] == 3
+    assert result.corpus["judge_repeat_sd"] == pytest.approx(math.sqrt(1 / 3))  # sd of 1, 0, 0
+    one = _score_rows(compose_cfg("evaluate", judged), rows)
+    assert len(server.requests) == 6  # one verdict is repeat 0: every reply from the cache
+    assert [r.scores["judge_correct"] for r in one.rows] == [1.0, 1.0]
+    with pytest.raises(QaLabError, match=r"metrics.judge.repeats=2 needs metrics.judge.temp"):
+        judge.JudgeOptions.from_cfg(
+            compose_cfg("evaluate", [*judged[:-2], "metrics.judge.repeats=2"]).metrics.judge
+        )
+
+
 def _score_rows(cfg, rows: list[dict]) -> run_scores.RunScores:
     opts = metrics.MetricsOptions.from_cfg(cfg.metrics)
     records = [EvalRow.from_dict(r) for r in rows]

@@ -63,6 +63,7 @@ def evaluate(cfg: DictConfig) -> str:
     """Answer the eval split under this config, score the answers, log one evaluate run."""
     from qa_lab import generation, metrics, models
 
+    run_logging.reset_peak_memory()  # the run's own peak, not an earlier sweep job's
     metric_opts = metrics.MetricsOptions.from_cfg(cfg.metrics)
     opts = EvalOptions.from_cfg(cfg.eval)
     _check_backend(cfg)
@@ -73,11 +74,10 @@ def evaluate(cfg: DictConfig) -> str:
     adapter, model_key = _model(cfg)
     retriever = retriever_for(cfg, kb)
     passages = retriever.search([it.question for it in items])
-    params = generation.GenParams.from_cfg(cfg.generation, int(cfg.seed))
-    backend = generation.backend(cfg, params, adapter, model_key)
-    answer = generation.Answerer(
-        backend, params, ItemCache(Path(cfg.paths.cache) / "answers.sqlite"), cfg.prompt
-    )
+    gen = generation.GenerationOptions.from_cfg(cfg.generation, int(cfg.seed))
+    backend = generation.backend(cfg, gen.params, adapter, model_key)
+    cache = ItemCache(Path(cfg.paths.cache) / "answers.sqlite")
+    answer = generation.Answerer(backend, gen.params, cache, cfg.prompt, gen.repeats)
     prompts_of_items = answer.render(items, passages)
     tags = {
         "data_key": read_manifest(data_folder)["key"],
@@ -204,7 +204,8 @@ def _with_gold_and_nearest(
     tracking.log_metrics(
         {**datastore.leakage_metrics(data_folder), "leakage/evidence_overlap": overlap}
     )
-    return _with_nearest_train(cfg, opts, evidence.mark(rows, gold), train)
+    repeats = len(rows) // len(items)  # rows come repeat by repeat (`generation.Answerer`)
+    return _with_nearest_train(cfg, opts, evidence.mark(rows, gold * repeats), train)
 
 
 def _with_nearest_train(
