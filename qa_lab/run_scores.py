@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qa_lab import retrieval_metrics as rm
+from qa_lab.errors import QaLabError
 from qa_lab.metrics import (
     RUN_NAMES,
     BootstrapOptions,
@@ -85,6 +86,12 @@ def _pool_repeats(
     if n == len(rows):
         return list(rows), scored, {}
     repeats = len(rows) // n
+    for j, row in enumerate(rows):  # e.g. a predictions file with a `repeat` column of its own
+        if j >= n * repeats or row.item_id != rows[j % n].item_id or (row.repeat or 0) != j // n:
+            raise QaLabError(
+                f"row {j + 1} ({row.item_id}, repeat {row.repeat}): sampled repeats must come "
+                "repeat by repeat, every item once in each"
+            )
     first = [
         replace(row, repeat_answers=tuple(rows[r * n + i].prediction for r in range(1, repeats)))
         for i, row in enumerate(rows[:n])

@@ -58,6 +58,13 @@ def test_repeats_pool_into_one_row_per_item_with_the_mean_and_the_spread(store):
         cache_dir=cfg.paths.cache,
     )
     assert scored.ci["bleu"]["mean"] == pytest.approx(every.ci["bleu"]["mean"])
+    with pytest.raises(QaLabError, match=r"^row 4 \(a, repeat 1\): sampled repeats must come"):
+        run_scores.score_rows(
+            [*first, second[0], _row("b", exact, 0), second[2]],
+            opts,
+            embedder=cfg.embedder.name,
+            cache_dir=cfg.paths.cache,
+        )
     single = run_scores.score_rows(
         first, opts, embedder=cfg.embedder.name, cache_dir=cfg.paths.cache
     )
