@@ -67,7 +67,8 @@ test: $(STAMP)
 		"install them with: sudo apt-get install -y $(SYSTEM_PACKAGES)"; fi
 	$(PY) -m pytest -q
 
-# The development tier: everything but the end-to-end tests marked slow (CI runs `make test`).
+# The development tier (2.4 min on 2 cores): no test that loads the LLM, runs a stage end to end
+# or starts a server (marked slow; tests/conftest.py). CI runs `make test`, every test.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 

@@ -81,3 +81,40 @@ def base_model(llm_cfg: DictConfig):
     from qa_lab import models
 
     return models.load_llm(llm_cfg, MODELS_DIR)
+
+
+# Fixtures whose tests load the embedded LLM, run a stage end to end or serve a model: such a
+# test takes 5-90 s on 2 cores (the full suite's --durations), so `make test-fast` (-m "not
+# slow": 2.4 min without them on 2 cores, measured) leaves them to `make test`, which runs all.
+HEAVY_FIXTURES = {"base_model", "tokenizer", "small_source", "served", "docs", "trained"}
+# Heavy tests without those fixtures (each measured over 3 s in the full suite or the tier).
+HEAVY_TESTS = {
+    "test_report_from_a_logged_sweep_states_verdict_power_and_cost",
+    "test_the_verdict_changes_with_the_data",
+    "test_index_keys_follow_settings_and_corpus_never_k",
+    "test_semantic_dedup_equals_naive_with_planted_duplicates",
+    "test_score_predictions_file_and_bad_rows",
+    "test_leakage_audit",
+    "test_traces_carry_gold_flags_and_chunk_metadata",
+    "test_adapter_stays_unmerged_on_a_quantized_base",
+    "test_reranking_reorders_by_cross_encoder_scores",
+    "test_train_key_follows_upstream_prompt_and_retrieval",
+    "test_unavailable_hub_model_is_one_line_error",
+    "test_train_run_logs_its_adapter_as_one_logged_model",
+    "test_reproduce_original_preset_matches_the_reference",
+    "test_each_preprocessing_step_matches_the_reference",
+    "test_bad_corpus_is_one_line_error_from_the_script",
+    "test_two_evaluate_runs_publish_paired_item_traces",
+    "test_report_page_reads_well_in_chromium_at_1280_px",
+    "test_synthesize_from_corpus_with_the_embedded_model",
+    "test_synthesize_with_the_embedded_model_caches_and_keeps_lineage",
+    "test_dataset_synthesised_from_the_corpus_without_a_qa_file",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the heavy tests slow (see HEAVY_FIXTURES, HEAVY_TESTS)."""
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or name in HEAVY_TESTS:
+            item.add_marker(pytest.mark.slow)
