@@ -217,19 +217,16 @@ def _verdicts(
 
 def _mean_scores(per_repeat: list[dict[str, float]]) -> dict[str, float]:
     """An answer's judge columns: the mean over the judge's repeats (NaN ones left out)."""
-    out = {}
-    for name in per_repeat[0]:
-        finite = [s[name] for s in per_repeat if math.isfinite(s[name])]
-        out[name] = sum(finite) / len(finite) if finite else math.nan
-    return out
+    from qa_lab.metrics import finite_mean
+
+    return {name: finite_mean(s[name] for s in per_repeat) for name in per_repeat[0]}
 
 
 def _correct_spread(verdicts: list[list[dict[str, Any] | None]]) -> float:
     """Mean over answers of the SD of the judge's `correct` call across its repeats."""
     import numpy as np
 
-    calls = np.array(
-        [[item_scores(p)["judge_correct"] for p in repeat] for repeat in verdicts], dtype=float
-    )
-    ok = np.isfinite(calls).sum(axis=0) >= 2
-    return float(np.nanstd(calls[:, ok], axis=0, ddof=1).mean()) if ok.any() else math.nan
+    from qa_lab.metrics import within_item_sd
+
+    calls = [[item_scores(p)["judge_correct"] for p in repeat] for repeat in verdicts]
+    return within_item_sd(np.array(calls, dtype=float))

@@ -268,7 +268,7 @@ class ScoreResult:
             answers = [self.per_item[r * n + i] for r in range(repeats)]
             names = dict.fromkeys(name for scores in answers for name in scores)
             per_item.append(
-                {name: _finite_mean([s.get(name, math.nan) for s in answers]) for name in names}
+                {name: finite_mean([s.get(name, math.nan) for s in answers]) for name in names}
             )
         stats = None
         if self.bleu_stats is not None:
@@ -282,11 +282,9 @@ class ScoreResult:
         repeats = len(self.per_item) // n
         out: dict[str, float] = {}
         for name in self.metric_names():
-            values = self.column(name).reshape(repeats, n)
-            ok = np.isfinite(values).sum(axis=0) >= 2  # an SD needs two answers
-            if ok.any():
-                sd = np.nanstd(values[:, ok], axis=0, ddof=1)
-                out[RUN_NAMES.get(name, name)] = float(sd.mean())
+            sd = within_item_sd(self.column(name).reshape(repeats, n))
+            if math.isfinite(sd):
+                out[RUN_NAMES.get(name, name)] = sd
         return out
 
     def topic_means(self) -> dict[str, dict[str, float]]:
@@ -310,10 +308,19 @@ class ScoreResult:
         return out
 
 
-def _finite_mean(values: list[float]) -> float:
+def finite_mean(values: Iterable[float]) -> float:
     """The mean of the finite values (NaN when there are none)."""
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def within_item_sd(values: np.ndarray) -> float:
+    """Mean over items (columns) of the sd across their repeats (rows), ddof 1.
+
+    Items with fewer than two finite values have no sd and are left out; NaN when none has.
+    """
+    ok = np.isfinite(values).sum(axis=0) >= 2
+    return float(np.nanstd(values[:, ok], axis=0, ddof=1).mean()) if ok.any() else math.nan
 
 
 def _means(per_item: list[dict[str, float]]) -> dict[str, float]:

@@ -339,9 +339,8 @@ def ranking_section(runs: list[dict[str, Any]]) -> list[Block]:
 def repeats_section(runs: list[dict[str, Any]], headline: str | None) -> list[Block]:
     """Configs answered several times per item (`generation.repeats`): the sampling spread.
 
-    Next to the CI over items, the within-item sd says how much one sampled answer moves: a
-    spread near the gap between two configs means a single sample could have ranked them
-    either way.
+    Next to the CI over items, the within-item sd says how much one item's score moves from
+    one sampled answer to the next (a config's mean moves by about sd / sqrt(items x repeats)).
     """
     sampled = [r for r in runs if r.get("metrics", {}).get("repeats/n", 1) > 1]
     if not sampled or headline is None:
